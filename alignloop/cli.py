@@ -1,0 +1,52 @@
+"""The ``alignloop`` command: ``alignloop <stage> [args...]``.
+
+Each stage lives in its own module and exposes ``main(argv: list[str]) -> int``;
+the table maps a stage name to ``"module:function"`` and is imported lazily so
+``alignloop serve`` never imports torch and ``alignloop --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES: dict[str, tuple[str, str]] = {
+    "sft": ("sft.cli:main", "supervised fine-tuning (instruction tuning, LoRA/QLoRA/prompt tuning/frozen layers)"),
+    "synth": ("sft.synth:main", "synthetic instruction data (self-instruct) through a rollout engine"),
+    "plan": ("alignloop.plan:main", "memory plan for full/LoRA/QLoRA under ZeRO-2/3/offload, and license"),
+    "serve": ("feedback_service.cli:main", "run the feedback service (labeler API and web page)"),
+    "demo": ("alignloop.demo:main", "the main job: end-to-end demo on the packaged base model"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: alignloop <stage> [--config FILE] [dotted.key=value ...]", "", "stages:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from alignloop import __version__
+
+        print(__version__)
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"alignloop: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func = STAGES[stage][0].split(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as e:  # a stage whose package is not built yet
+        print(f"alignloop {stage}: not available ({e})", file=sys.stderr)
+        return 2
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
