@@ -1,0 +1,89 @@
+"""One metric namespace for every stage, and the run logger.
+
+Each logged step is one JSON object in ``metrics.jsonl`` (with ``step``), the
+same scalars in TensorBoard, and one human-readable line in the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+# ---- names (the only place they are spelled) ----
+LOSS_SFT = "loss/sft"
+LOSS_EVAL = "eval/loss"
+LOSS_REWARD = "loss/reward"
+LOSS_POLICY = "loss/policy"
+LOSS_VALUE = "loss/value"
+LR = "optim/lr"
+GRAD_NORM = "optim/grad_norm"
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"
+STEP_TIME = "time/step_s"
+EPOCH = "train/epoch"
+TRAIN_TOKENS = "train/tokens"
+PPO_KL = "ppo/kl"
+PPO_CLIPFRAC = "ppo/clipfrac"
+PPO_APPROX_KL = "ppo/approx_kl"
+PPO_EXPLAINED_VAR = "ppo/explained_variance"
+REWARD_MEAN = "reward/mean"
+ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"
+TIME_ROLLOUT = "time/rollout_s"
+
+
+class MetricsLogger:
+    """Writes metrics.jsonl + TensorBoard on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, echo: bool = True):
+        self.enabled = enabled
+        self.echo = echo
+        self._fh = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._fh = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception as e:  # TensorBoard is optional at run time
+                print(f"[alignloop] TensorBoard disabled: {e}", file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float], prefix_line: str = "") -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        rec = {"step": step, "time": round(time.time(), 3), **clean}
+        self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if v is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self.echo:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in clean.items())
+            print(f"{prefix_line}step {step} {shown}", flush=True)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "nan"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
