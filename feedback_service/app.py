@@ -1,0 +1,66 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from feedback_service import __version__, service
+from feedback_service.api.routes import router, system
+from feedback_service.config import Settings
+from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
+from feedback_service.errors import ServiceError
+from feedback_service.observability import BodyLimit, Metrics, RequestObserver, log
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
+    """Build the app on ``settings.db_url``; migrate the schema and bootstrap the admin token."""
+    engine = make_engine(settings.db_url)
+    if run_migrations:
+        migrate(engine)
+    factory = make_sessionmaker(engine)
+    if settings.admin_token:
+        with session_scope(factory) as session:
+            service.bootstrap_admin(session, "admin", datetime.now(timezone.utc).replace(tzinfo=None), settings.admin_token)
+
+    app = FastAPI(
+        title="alignloop feedback service",
+        version=__version__,
+        description="Labelers rank model answers; versioned export of preference pairs. See feedback_service/README.md.",
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = factory
+
+    app.state.metrics = Metrics()
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's shape, minus the echoed input (it can be large, and it can be a secret).
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    app.include_router(system)
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def labeler_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    bulk = settings.max_bulk_bytes
+    app.add_middleware(BodyLimit, limit_for=lambda path: bulk if path.endswith("/items/bulk") else settings.max_body_bytes)
+    app.add_middleware(RequestObserver, metrics=app.state.metrics, log_requests=settings.log_requests)
+    log.debug("app created", extra={"fields": {"db": engine.url.render_as_string(hide_password=True)}})
+    return app

@@ -1,0 +1,10 @@
+"""Alembic environment, run programmatically by ``feedback_service.db.migrate`` (no alembic.ini needed)."""
+
+from alembic import context
+
+from feedback_service.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

@@ -1,0 +1,544 @@
+"""What the routes do, as plain functions over a Session: no FastAPI in here.
+
+Every function runs inside the caller's transaction (one per request, see ``deps.get_session``).
+Concurrency: on SQLite each transaction holds the write lock from its start (BEGIN IMMEDIATE);
+on PostgreSQL the item row is locked (FOR UPDATE) before any check-then-insert on that item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+from sqlalchemy import and_, exists, func, insert, or_, select, text
+from sqlalchemy.orm import Session
+
+from feedback_service import pairs, quality
+from feedback_service.errors import Conflict, Forbidden, Invalid, NotFound
+from feedback_service.models import Answer, ApiToken, Assignment, Campaign, Export, ExportRow, Item, Labeler, Ranking
+from feedback_service.schemas import (
+    CampaignCreate,
+    CampaignQuality,
+    CampaignStats,
+    ExportCreate,
+    ItemCreate,
+    ItemsImported,
+    LabelerCreate,
+    LabelerQuality,
+    Progress,
+    RankingCreate,
+)
+from feedback_service.security import display_prefix, hash_token, new_token
+
+
+def _is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# ---- labelers and tokens -------------------------------------------------------------------
+
+
+def authenticate(session: Session, token: str) -> tuple[Labeler, ApiToken] | None:
+    row = session.execute(
+        select(ApiToken, Labeler)
+        .join(Labeler, Labeler.id == ApiToken.labeler_id)
+        .where(ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None), Labeler.active.is_(True))
+    ).first()
+    return (row[1], row[0]) if row else None
+
+
+def issue_token(session: Session, labeler: Labeler, now: datetime, token: str | None = None) -> tuple[str, ApiToken]:
+    token = token or new_token()
+    row = ApiToken(labeler_id=labeler.id, token_hash=hash_token(token), prefix=display_prefix(token), created_at=now)
+    session.add(row)
+    session.flush()
+    return token, row
+
+
+def create_labeler(session: Session, data: LabelerCreate, now: datetime) -> tuple[Labeler, str, ApiToken]:
+    if session.scalar(select(Labeler.id).where(Labeler.name == data.name)) is not None:
+        raise Conflict(f"a labeler named {data.name!r} already exists")
+    labeler = Labeler(name=data.name, role=data.role, active=True, created_at=now)
+    session.add(labeler)
+    session.flush()
+    token, row = issue_token(session, labeler, now)
+    return labeler, token, row
+
+
+def bootstrap_admin(session: Session, name: str, now: datetime, token: str | None = None) -> str | None:
+    """Make sure an admin called ``name`` exists; with ``token``, make that token valid for it.
+
+    Returns a newly issued token (to print once), or None when ``token`` was given or already known.
+    """
+    labeler = session.scalar(select(Labeler).where(Labeler.name == name))
+    if labeler is None:
+        labeler = Labeler(name=name, role="admin", active=True, created_at=now)
+        session.add(labeler)
+        session.flush()
+    elif labeler.role != "admin":
+        raise Conflict(f"{name!r} exists and is not an admin")
+    if token is not None:
+        if session.scalar(select(ApiToken.id).where(ApiToken.token_hash == hash_token(token))) is None:
+            issue_token(session, labeler, now, token)
+        return None
+    return issue_token(session, labeler, now)[0]
+
+
+def get_labeler(session: Session, labeler_id: int) -> Labeler:
+    labeler = session.get(Labeler, labeler_id)
+    if labeler is None:
+        raise NotFound(f"labeler {labeler_id} not found")
+    return labeler
+
+
+def list_labelers(session: Session) -> Sequence[Labeler]:
+    return session.scalars(select(Labeler).order_by(Labeler.id)).all()
+
+
+def list_tokens(session: Session, labeler_id: int) -> Sequence[ApiToken]:
+    get_labeler(session, labeler_id)
+    return session.scalars(select(ApiToken).where(ApiToken.labeler_id == labeler_id).order_by(ApiToken.id)).all()
+
+
+def revoke_token(session: Session, token_id: int, actor: Labeler, now: datetime) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None or (actor.role != "admin" and row.labeler_id != actor.id):
+        raise NotFound(f"token {token_id} not found")
+    if row.revoked_at is None:
+        row.revoked_at = now
+    return row
+
+
+def deactivate_labeler(session: Session, labeler_id: int, now: datetime) -> Labeler:
+    labeler = get_labeler(session, labeler_id)
+    labeler.active = False
+    for row in session.scalars(select(ApiToken).where(ApiToken.labeler_id == labeler_id, ApiToken.revoked_at.is_(None))):
+        row.revoked_at = now
+    return labeler
+
+
+# ---- campaigns and items -------------------------------------------------------------------
+
+
+def create_campaign(session: Session, data: CampaignCreate, now: datetime, default_lease_seconds: int) -> Campaign:
+    if session.scalar(select(Campaign.id).where(Campaign.name == data.name)) is not None:
+        raise Conflict(f"a campaign named {data.name!r} already exists")
+    campaign = Campaign(
+        name=data.name,
+        guidelines=data.guidelines,
+        overlap=data.overlap,
+        lease_seconds=data.lease_seconds or default_lease_seconds,
+        created_at=now,
+    )
+    session.add(campaign)
+    session.flush()
+    return campaign
+
+
+def get_campaign(session: Session, campaign_id: int) -> Campaign:
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    return campaign
+
+
+def list_campaigns(session: Session) -> Sequence[Campaign]:
+    return session.scalars(select(Campaign).order_by(Campaign.id)).all()
+
+
+def content_hash(data: ItemCreate) -> str:
+    """SHA-256 over what the labeler sees and the answers' provenance (not gold or metadata)."""
+    body = {
+        "prompt": data.prompt,
+        "messages": [m.model_dump() for m in data.messages] if data.messages else None,
+        "answers": [a.model_dump() for a in data.answers],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def import_items(session: Session, campaign: Campaign, items: Sequence[ItemCreate], now: datetime) -> ItemsImported:
+    hashes = [content_hash(d) for d in items]
+    known: dict[str, int] = {}
+    for chunk in range(0, len(hashes), 500):
+        rows = session.execute(
+            select(Item.content_hash, Item.id).where(Item.campaign_id == campaign.id, Item.content_hash.in_(hashes[chunk : chunk + 500]))
+        )
+        known.update({h: i for h, i in rows})
+    ids, created = [], 0
+    for data, h in zip(items, hashes):
+        if h in known:
+            ids.append(known[h])
+            continue
+        prompt = data.prompt if data.prompt is not None else data.messages[-1].content  # type: ignore[index]
+        item = Item(
+            campaign_id=campaign.id,
+            content_hash=h,
+            prompt=prompt,
+            messages=[m.model_dump() for m in data.messages] if data.messages else None,
+            meta=data.meta,
+            created_at=now,
+        )
+        session.add(item)
+        session.flush()
+        answers = [
+            Answer(item_id=item.id, position=k, text=a.text, model_id=a.model_id, model_version=a.model_version, sampling=a.sampling)
+            for k, a in enumerate(data.answers)
+        ]
+        session.add_all(answers)
+        session.flush()
+        if data.gold_best is not None:
+            item.gold_answer_id = answers[data.gold_best].id
+        known[h] = item.id
+        ids.append(item.id)
+        created += 1
+    return ItemsImported(created=created, duplicates=len(items) - created, item_ids=ids)
+
+
+def list_items(session: Session, campaign: Campaign, offset: int, limit: int) -> Sequence[Item]:
+    return session.scalars(select(Item).where(Item.campaign_id == campaign.id).order_by(Item.id).offset(offset).limit(limit)).all()
+
+
+def get_item_for(session: Session, item_id: int, actor: Labeler, lock: bool = False) -> Item:
+    """The item, if ``actor`` may see it: admins see all, labelers only items assigned to them."""
+    q = select(Item).where(Item.id == item_id)
+    if lock and _is_pg(session):
+        q = q.with_for_update()
+    item = session.scalar(q)
+    if item is None:
+        raise NotFound(f"item {item_id} not found")
+    if actor.role != "admin" and _assignment(session, item.id, actor.id) is None:
+        raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
+    return item
+
+
+# ---- assignment ----------------------------------------------------------------------------
+
+
+def _assignment(session: Session, item_id: int, labeler_id: int) -> Assignment | None:
+    return session.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.labeler_id == labeler_id))
+
+
+def _holds_slot(now: datetime):  # noqa: ANN202
+    """An assignment counts against overlap when done, or leased and not yet expired."""
+    return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
+
+
+def _slots_taken(session: Session, item_id: int, now: datetime, exclude_labeler: int | None = None) -> int:
+    q = select(func.count()).select_from(Assignment).where(Assignment.item_id == item_id, _holds_slot(now))
+    if exclude_labeler is not None:
+        q = q.where(Assignment.labeler_id != exclude_labeler)
+    return session.scalar(q) or 0
+
+
+def next_assignment(session: Session, campaign: Campaign, labeler: Labeler, now: datetime) -> tuple[Assignment, Item] | None:
+    """The labeler's current lease in this campaign, else a new lease on an item they have not
+    ranked or skipped whose overlap is not yet taken; None when there is nothing left for them."""
+    current = session.scalar(
+        select(Assignment)
+        .where(Assignment.labeler_id == labeler.id, Assignment.campaign_id == campaign.id, Assignment.status == "leased", Assignment.expires_at > now)
+        .order_by(Assignment.id)
+        .limit(1)
+    )
+    if current is not None:
+        return current, session.get_one(Item, current.item_id)
+
+    taken = select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot(now)).scalar_subquery()
+    mine = exists().where(
+        Assignment.item_id == Item.id,
+        Assignment.labeler_id == labeler.id,
+        or_(Assignment.status != "leased", Assignment.expires_at > now),  # an expired lease of mine may come back
+    )
+    candidates = session.scalars(
+        select(Item.id).where(Item.campaign_id == campaign.id, ~mine, taken < campaign.overlap).order_by(Item.id).limit(32)
+    ).all()
+    for item_id in candidates:
+        if _is_pg(session):  # serialize check-then-insert per item; SQLite already holds the write lock
+            session.execute(select(Item.id).where(Item.id == item_id).with_for_update())
+        if _slots_taken(session, item_id, now) >= campaign.overlap:
+            continue
+        expires = now + timedelta(seconds=campaign.lease_seconds)
+        row = _assignment(session, item_id, labeler.id)
+        if row is not None:
+            if row.status != "leased" or row.expires_at > now:
+                continue  # taken by a concurrent request of the same labeler
+            row.leased_at, row.expires_at = now, expires
+        else:
+            row = Assignment(item_id=item_id, labeler_id=labeler.id, campaign_id=campaign.id, status="leased", leased_at=now, expires_at=expires)
+            session.add(row)
+        session.flush()
+        return row, session.get_one(Item, item_id)
+    return None
+
+
+def skip_item(session: Session, item_id: int, labeler: Labeler, now: datetime) -> None:
+    item = get_item_for(session, item_id, labeler, lock=True)
+    row = _assignment(session, item.id, labeler.id)
+    if row is None:
+        raise Conflict(f"item {item_id} is not assigned to you")
+    if row.status == "done":
+        raise Conflict(f"you already ranked item {item_id}")
+    row.status = "skipped"
+
+
+# ---- rankings ------------------------------------------------------------------------------
+
+
+def _normalize(groups: list[list[int]]) -> list[list[int]]:
+    return [sorted(g) for g in groups]
+
+
+def validate_ranking(item: Item, groups: list[list[int]]) -> None:
+    expected = {a.id for a in item.answers}
+    seen: list[int] = [a for g in groups for a in g]
+    problems = []
+    dupes = sorted({a for a in seen if seen.count(a) > 1})
+    if dupes:
+        problems.append(f"answer ids listed more than once: {dupes}")
+    unknown = sorted(set(seen) - expected)
+    if unknown:
+        problems.append(f"not answers of item {item.id}: {unknown}")
+    missing = sorted(expected - set(seen))
+    if missing:
+        problems.append(f"missing answer ids: {missing}")
+    if problems:
+        msg = "; ".join(problems) + f" (the ranking must name exactly the item's answer ids {sorted(expected)})"
+        raise Invalid(["body", "ranking"], msg, "ranking_invalid")
+
+
+def submit_ranking(session: Session, item_id: int, labeler: Labeler, data: RankingCreate, now: datetime) -> tuple[Ranking, bool]:
+    """Store a ranking; (ranking, created). Re-posting the same ranking returns the stored one."""
+    item = get_item_for(session, item_id, labeler, lock=True)
+    groups = _normalize(data.groups())
+    validate_ranking(item, groups)
+    existing = session.scalar(select(Ranking).where(Ranking.item_id == item.id, Ranking.labeler_id == labeler.id))
+    if existing is not None:
+        if existing.ranking == groups and existing.rationale == data.rationale:
+            return existing, False
+        raise Conflict(f"you already ranked item {item.id} differently (ranking {existing.id}); rankings are final")
+    row = _assignment(session, item.id, labeler.id)
+    if row is None:
+        raise Conflict(f"item {item.id} is not assigned to you: ask for the next item first")
+    if row.status == "skipped":
+        raise Conflict(f"you skipped item {item.id}")
+    if row.expires_at <= now:
+        overlap = session.get_one(Campaign, item.campaign_id).overlap
+        if _slots_taken(session, item.id, now, exclude_labeler=labeler.id) >= overlap:
+            raise Conflict(f"your lease on item {item.id} expired and the item went to other labelers")
+    row.status = "done"
+    ranking = Ranking(item_id=item.id, labeler_id=labeler.id, campaign_id=item.campaign_id, ranking=groups, rationale=data.rationale, created_at=now)
+    session.add(ranking)
+    session.flush()
+    return ranking, True
+
+
+def get_ranking_for(session: Session, ranking_id: int, actor: Labeler) -> Ranking:
+    ranking = session.get(Ranking, ranking_id)
+    if ranking is None or (actor.role != "admin" and ranking.labeler_id != actor.id):
+        raise NotFound(f"ranking {ranking_id} not found")
+    return ranking
+
+
+def list_rankings(session: Session, actor: Labeler, campaign_id: int | None, labeler_id: int | None, offset: int, limit: int) -> Sequence[Ranking]:
+    q = select(Ranking).order_by(Ranking.id).offset(offset).limit(limit)
+    if actor.role != "admin":
+        if labeler_id is not None and labeler_id != actor.id:
+            raise Forbidden("labelers may list only their own rankings")
+        labeler_id = actor.id
+    if labeler_id is not None:
+        q = q.where(Ranking.labeler_id == labeler_id)
+    if campaign_id is not None:
+        q = q.where(Ranking.campaign_id == campaign_id)
+    return session.scalars(q).all()
+
+
+# ---- progress and stats --------------------------------------------------------------------
+
+
+def _count(session: Session, q) -> int:  # noqa: ANN001
+    return session.scalar(q) or 0
+
+
+def _items_complete(session: Session, campaign: Campaign) -> int:
+    per_item = select(Ranking.item_id).where(Ranking.campaign_id == campaign.id).group_by(Ranking.item_id).having(func.count() >= campaign.overlap).subquery()
+    return _count(session, select(func.count()).select_from(per_item))
+
+
+def progress(session: Session, campaign: Campaign, labeler: Labeler) -> Progress:
+    by_me = select(func.count()).select_from(Assignment).where(Assignment.campaign_id == campaign.id, Assignment.labeler_id == labeler.id)
+    return Progress(
+        campaign_id=campaign.id,
+        items_total=_count(session, select(func.count()).select_from(Item).where(Item.campaign_id == campaign.id)),
+        items_complete=_items_complete(session, campaign),
+        my_rankings=_count(session, by_me.where(Assignment.status == "done")),
+        my_skips=_count(session, by_me.where(Assignment.status == "skipped")),
+    )
+
+
+def stats(session: Session, campaign: Campaign, now: datetime) -> CampaignStats:
+    n_items = _count(session, select(func.count()).select_from(Item).where(Item.campaign_id == campaign.id))
+    in_campaign = select(func.count()).select_from(Assignment).where(Assignment.campaign_id == campaign.id)
+    rankings = _count(session, select(func.count()).select_from(Ranking).where(Ranking.campaign_id == campaign.id))
+    active = _count(session, in_campaign.where(Assignment.status == "leased", Assignment.expires_at > now))
+    return CampaignStats(
+        campaign_id=campaign.id,
+        items=n_items,
+        items_complete=_items_complete(session, campaign),
+        rankings=rankings,
+        skips=_count(session, in_campaign.where(Assignment.status == "skipped")),
+        active_leases=active,
+        queue_depth=queue_depth(session, campaign, now),
+        labelers=_count(session, select(func.count(func.distinct(Ranking.labeler_id))).where(Ranking.campaign_id == campaign.id)),
+    )
+
+
+def queue_depth(session: Session, campaign: Campaign, now: datetime) -> int:
+    taken = select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot(now)).scalar_subquery()
+    need = func.max(0, campaign.overlap - taken) if not _is_pg(session) else func.greatest(0, campaign.overlap - taken)
+    return int(session.scalar(select(func.coalesce(func.sum(need), 0)).where(Item.campaign_id == campaign.id)) or 0)
+
+
+def total_queue_depth(session: Session, now: datetime) -> int:
+    return sum(queue_depth(session, c, now) for c in list_campaigns(session))
+
+
+# ---- export --------------------------------------------------------------------------------
+
+
+def _iso(dt: datetime) -> str:
+    return dt.replace(tzinfo=timezone.utc).isoformat()
+
+
+def create_export(session: Session, campaign: Campaign, params: ExportCreate, now: datetime) -> Export:
+    """Snapshot preference pairs into a new immutable export version.
+
+    The watermark is the largest ranking id at snapshot time. On PostgreSQL the SHARE lock waits
+    for in-flight ranking inserts to commit and blocks new ones meanwhile, so no ranking with a
+    smaller id can appear after the watermark was taken (SQLite: the transaction holds the lock).
+    An item enters an export once it has ``min_rankings`` rankings; an incremental export takes
+    items that reached that count after ``since`` (and, with aggregation 'none', also rankings
+    added after ``since`` to items that had reached it before).
+    """
+    if _is_pg(session):
+        session.execute(text("LOCK TABLE rankings IN SHARE MODE"))
+    since = params.since_watermark or 0
+    if params.since_last:
+        last = session.scalar(select(Export).where(Export.campaign_id == campaign.id).order_by(Export.id.desc()).limit(1))
+        since = last.watermark if last else 0
+    watermark = max(since, session.scalar(select(func.max(Ranking.id))) or 0)
+    k = params.min_rankings or (1 if params.aggregation == "none" else campaign.overlap)
+
+    touched = select(Ranking.item_id).where(Ranking.campaign_id == campaign.id, Ranking.id > since, Ranking.id <= watermark)
+    by_item: dict[int, list[Ranking]] = defaultdict(list)
+    for r in session.scalars(
+        select(Ranking).where(Ranking.campaign_id == campaign.id, Ranking.id <= watermark, Ranking.item_id.in_(touched)).order_by(Ranking.id)
+    ):
+        by_item[r.item_id].append(r)
+    items = {i.id: i for i in session.scalars(select(Item).where(Item.id.in_(list(by_item))))} if by_item else {}
+
+    rows: list[dict] = []
+    dropped: list[int] = []
+    for item_id in sorted(by_item):
+        ranked = by_item[item_id]
+        if len(ranked) < k:
+            continue
+        completed_by = ranked[k - 1].id
+        if params.aggregation == "none":
+            units = [[r] for r in ranked if max(r.id, completed_by) > since]
+        elif completed_by > since:
+            units = [ranked]
+        else:
+            continue  # already exported when it reached min_rankings
+        if params.max_disagreement is not None and pairs.disagreement([r.ranking for r in ranked]) > params.max_disagreement:
+            dropped.append(item_id)
+            continue
+        item = items[item_id]
+        text_of = {a.id: a.text for a in item.answers}
+        for unit in units:
+            for chosen, rejected, margin in pairs.item_pairs([r.ranking for r in unit], params.strategy, params.aggregation):
+                row = {
+                    "prompt": item.prompt,
+                    "chosen": text_of[chosen],
+                    "rejected": text_of[rejected],
+                    "margin": round(margin, 6),
+                    "item_id": item_id,
+                    "campaign": campaign.name,
+                    "labeler_ids": sorted(r.labeler_id for r in unit),
+                    "created_at": _iso(max(r.created_at for r in unit)),
+                }
+                if item.messages is not None:
+                    row["messages"] = item.messages
+                rows.append(row)
+
+    export = Export(
+        campaign_id=campaign.id,
+        params={**params.model_dump(), "min_rankings": k, "dropped_items": dropped},
+        since_watermark=since,
+        watermark=watermark,
+        row_count=len(rows),
+        created_at=now,
+    )
+    session.add(export)
+    session.flush()
+    if rows:
+        session.execute(insert(ExportRow), [{"export_id": export.id, "seq": n, "row": row} for n, row in enumerate(rows)])
+    return export
+
+
+def get_export(session: Session, export_id: int) -> Export:
+    export = session.get(Export, export_id)
+    if export is None:
+        raise NotFound(f"export {export_id} not found")
+    return export
+
+
+def list_exports(session: Session, campaign_id: int | None) -> Sequence[Export]:
+    q = select(Export).order_by(Export.id)
+    if campaign_id is not None:
+        q = q.where(Export.campaign_id == campaign_id)
+    return session.scalars(q).all()
+
+
+def export_rows(session: Session, export_id: int, offset: int = 0, limit: int | None = None) -> list[dict]:
+    q = select(ExportRow.row).where(ExportRow.export_id == export_id).order_by(ExportRow.seq).offset(offset)
+    if limit is not None:
+        q = q.limit(limit)
+    return list(session.scalars(q))
+
+
+# ---- quality -------------------------------------------------------------------------------
+
+
+def campaign_quality(session: Session, campaign: Campaign) -> CampaignQuality:
+    by_item: dict[int, dict[int, list[list[int]]]] = defaultdict(dict)
+    n = 0
+    for item_id, labeler_id, groups in session.execute(select(Ranking.item_id, Ranking.labeler_id, Ranking.ranking).where(Ranking.campaign_id == campaign.id)):
+        by_item[item_id][labeler_id] = groups
+        n += 1
+    gold = dict(session.execute(select(Item.id, Item.gold_answer_id).where(Item.campaign_id == campaign.id, Item.gold_answer_id.is_not(None))).all())
+    labelers = {lab.id: lab for lab in session.scalars(select(Labeler).where(Labeler.id.in_({lab for r in by_item.values() for lab in r})))}
+    per_labeler = []
+    for lab_id in sorted(labelers):
+        agreement, n_pairs = quality.labeler_agreement(by_item, lab_id)
+        gold_rankings = [(by_lab[lab_id], gold[item]) for item, by_lab in by_item.items() if item in gold and lab_id in by_lab]
+        accuracy, n_gold = quality.gold_accuracy(gold_rankings)
+        per_labeler.append(
+            LabelerQuality(
+                labeler_id=lab_id,
+                name=labelers[lab_id].name,
+                rankings=sum(lab_id in by_lab for by_lab in by_item.values()),
+                agreement=agreement,
+                agreement_pairs=n_pairs,
+                gold_items=n_gold,
+                gold_accuracy=accuracy,
+            )
+        )
+    return CampaignQuality(
+        campaign_id=campaign.id,
+        alpha=quality.krippendorff_alpha(by_item),
+        items_multi_ranked=sum(len(v) >= 2 for v in by_item.values()),
+        rankings=n,
+        labelers=per_labeler,
+    )
