@@ -371,13 +371,13 @@ def _setup_name(method: str, strategy: str, ckpt: bool | None = None) -> str:
 _WHY = {
     ("full", "zero2"): "every weight trains, and ZeRO-2 keeps whole bf16 weights on each GPU, so no per-step weight all-gather",
     ("full", "zero3"): "every weight trains; ZeRO-3 also shards the bf16 weights across the GPUs, at the cost of all-gathering them each step",
-    ("lora", "zero2"): "LoRA keeps the bf16 base frozen and trains only the adapters; ZeRO-2 needs no weight all-gather",
-    ("lora", "zero3"): "LoRA trains only the adapters and ZeRO-3 shards the frozen bf16 base across the GPUs",
-    ("qlora", "zero2"): "QLoRA stores the frozen base in 4-bit NF4 (~0.52 byte/param) and trains only the adapters",
-    ("qlora", "zero3"): "QLoRA's 4-bit base sharded by ZeRO-3 is the smallest GPU-only setup",
+    ("lora", "zero2"): "LoRA keeps the bf16 base frozen and trains only the adapters{adapters}; ZeRO-2 needs no weight all-gather",
+    ("lora", "zero3"): "LoRA trains only the adapters{adapters} and ZeRO-3 shards the frozen bf16 base across the GPUs",
+    ("qlora", "zero2"): "QLoRA stores the frozen base in 4-bit NF4 (~0.52 byte/param) and trains only the adapters{adapters}",
+    ("qlora", "zero3"): "QLoRA's 4-bit base sharded by ZeRO-3, adapters only{adapters}, is the smallest GPU-only setup",
     ("full", "zero3_offload"): "every weight still trains, with weights and optimizer in CPU RAM (PCIe-bound, slow)",
-    ("lora", "zero3_offload"): "LoRA with the frozen base and adapter optimizer in CPU RAM (PCIe-bound, slow)",
-    ("qlora", "zero3_offload"): "the smallest GPU footprint: 4-bit base and adapter optimizer in CPU RAM (PCIe-bound, slow)",
+    ("lora", "zero3_offload"): "LoRA{adapters} with the frozen base and adapter optimizer in CPU RAM (PCIe-bound, slow)",
+    ("qlora", "zero3_offload"): "the smallest GPU footprint: QLoRA{adapters} with the 4-bit base and adapter optimizer in CPU RAM (PCIe-bound, slow)",
 }
 
 
@@ -392,9 +392,8 @@ def recommend(rows: list[dict], st: Settings, lora_params: int, params: int) -> 
         for ckpt in (False, True):
             total = r["total_ckpt_gib" if ckpt else "total_gib"]
             if total <= budget:
-                why = _WHY[(method, strategy)]
-                if method != "full":
-                    why += f" ({lora_params:,} trainable, {100 * lora_params / params:.2f}% of {params:,})"
+                adapters = f" ({lora_params:,} trainable, {100 * lora_params / params:.2f}% of {params:,})"
+                why = _WHY[(method, strategy)].format(adapters=adapters)
                 if ckpt:
                     why += "; gradient checkpointing trades ~33% more compute for activation memory"
                 if first_miss is not None:

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 from alignloop import metrics as M
 from alignloop import rundir
@@ -162,6 +165,8 @@ def train_worker(config: dict) -> None:
             if rank0:
                 rundir.mark_done(path)
                 rundir.prune(run, cfg.train.keep_checkpoints)
+        if os.environ.get("ALIGNLOOP_CRASH_AFTER_STEP") == str(done):  # fault injection for the resume test
+            raise SystemExit(f"[alignloop] simulated crash after step {done}")
     if bar is not None:
         bar.close()
     if eval_ex:

@@ -288,6 +288,8 @@ def test_license_from_readme_front_matter(tmp_path):
         {"source": "README.md front matter license_link", "text": "LICENSE"},
     ]
     assert plan.license_from_readme("# no front matter\nlicense: mit\n") == []
+    # a horizontal rule later in the card is not front matter
+    assert plan.license_from_readme("# Title\n---\nlicense: mit\n---\n") == []
     assert plan.license_from_readme("---\nlicense: [apache-2.0, mit]\n---\n") == [("license", "apache-2.0, mit")]
     # YAML that does not parse still yields the key
     assert plan.license_from_readme("---\nlicense: llama3\nbad: [unclosed\n---\n") == [("license", "llama3")]
@@ -405,6 +407,12 @@ def test_error_unreadable_config(tmp_path, capsys, content):
     cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
     err = _one_line_error(capsys, ["--model", str(tmp_path)], str(cfg))
     assert "cannot read config" in err
+
+
+def test_error_unknown_architecture_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "made-up-arch", "hidden_size": 8}))
+    err = _one_line_error(capsys, ["--model", str(tmp_path)], str(tmp_path))
+    assert "cannot count parameters" in err and "no *.safetensors" in err
 
 
 def test_error_not_a_model_file_and_bad_gguf(tmp_path, capsys):
