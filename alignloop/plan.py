@@ -154,7 +154,10 @@ def model_state_bytes(
     gradients) is DeepSpeed's ``largest_layer_memory`` from
     ``estimate_zero3_model_states_mem_needs``. The CPU figure is the raw
     state size; DeepSpeed's estimator multiplies it by a 1.5 buffer factor
-    (see :func:`cpu_ram_with_buffer`).
+    (see :func:`cpu_ram_with_buffer`). DeepSpeed's estimators count 18 bytes
+    per partitioned parameter (fp32 gradients) where the paper counts 16:
+    they give ``2P + 18P/N`` (ZeRO-2) and ``18P/N + 4 * largest_layer``
+    (ZeRO-3) for full fine-tuning.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}")
