@@ -1,0 +1,75 @@
+"""Concurrent labelers against a live server: nobody gets an item beyond its overlap."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from fs_helpers import item
+
+from feedback_service.client import FeedbackClient
+
+
+def _labelers(admin, live, n: int) -> list[FeedbackClient]:  # noqa: ANN001
+    return [FeedbackClient(live.url, admin.create_labeler(f"lab{k}")["token"], retries=0) for k in range(n)]
+
+
+def test_simultaneous_next_never_exceeds_overlap(admin, live) -> None:
+    c = admin.create_campaign("c", overlap=2)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(3)])
+    clients = _labelers(admin, live, 10)
+    barrier = threading.Barrier(len(clients))
+    got: list[int | None] = [None] * len(clients)
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait()
+            a = clients[k].next_item(c["id"])
+            got[k] = a["item"]["id"] if a else None
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    per_item = Counter(g for g in got if g is not None)
+    assert len(per_item) == 3 and max(per_item.values()) == 2 and sum(per_item.values()) == 6
+    assert admin.stats(c["id"])["active_leases"] == 6
+    for cl in clients:
+        cl.close()
+
+
+def test_concurrent_labelers_rank_everything_exactly_overlap_times(admin, live) -> None:
+    c = admin.create_campaign("c", overlap=3)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(12)])
+    clients = _labelers(admin, live, 6)
+    received: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            while (a := clients[k].next_item(c["id"])) is not None:
+                with lock:
+                    received.append((a["item"]["id"], k))
+                ids = [x["id"] for x in a["item"]["answers"]]
+                clients[k].submit_ranking(a["item"]["id"], ids[k % 3 :] + ids[: k % 3])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len(received) == len(set(received)) == 12 * 3  # each (item, labeler) once
+    assert set(Counter(i for i, _ in received).values()) == {3}
+    s = admin.stats(c["id"])
+    assert (s["rankings"], s["items_complete"], s["queue_depth"]) == (36, 12, 0)
+    for cl in clients:
+        cl.close()
