@@ -1,0 +1,212 @@
+"""Rollout engines: vLLM against the transformers reference on a tiny random Llama (float32).
+
+One vLLM engine (with LoRA enabled) serves the whole module; tests that change
+its weights or adapter put them back before they end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignloop.rollout import Completion, HFEngine, SamplingSettings, finish, make_engine
+
+PROMPTS = ["The quick brown fox", "Write a short poem about the sea.", "1+1=", "Answer: yes. Answer:"]
+GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model):
+    return HFEngine(tiny_model, batch_size=3)  # batch 3 over 4 prompts: two batches, left padding in both
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model):
+    pytest.importorskip("vllm")
+    eng = make_engine("vllm", tiny_model, max_model_len=256, enable_lora=True, max_lora_rank=8)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tiny_model, tmp_path_factory):
+    """A peft LoRA adapter with random, non-zero A and B (a fresh adapter has B = 0 and changes nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"], init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def _tokens(results: list[list[Completion]]) -> list[list[int]]:
+    return [c.token_ids for samples in results for c in samples]
+
+
+# ----------------------------------------------------------------- pure parts
+class _CharTok:
+    """One character per id (0 = EOS), enough to hand-check the cut rules."""
+
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(96 + i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_finish_cuts_after_eos_inclusive():
+    c = finish(_CharTok(), [5], [1, 2, 0, 3], [-0.1, -0.2, -0.3, -0.4], [0], (), 4)
+    assert (c.token_ids, c.text, c.logprobs, c.finish_reason) == ([1, 2, 0], "ab", [-0.1, -0.2, -0.3], "stop")
+
+
+def test_finish_cuts_stop_string_text_before_ids_after():
+    # "abcde": the stop string "cd" ends at token 4 ('d'); text ends before it.
+    c = finish(_CharTok(), [5], [1, 2, 3, 4, 5], [-1.0] * 5, [0], ("cd", "e"), 5)
+    assert (c.token_ids, c.text, c.finish_reason) == ([1, 2, 3, 4], "ab", "stop")
+    assert len(c.logprobs) == 4
+
+
+def test_finish_length_when_no_stop():
+    c = finish(_CharTok(), [5], [1, 2, 3], [-1.0] * 3, [0], ("zz",), 3)
+    assert (c.token_ids, c.text, c.finish_reason) == ([1, 2, 3], "abc", "length")
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingSettings(top_p=0)
+    with pytest.raises(ValueError, match="n must"):
+        SamplingSettings(n=0)
+    assert SamplingSettings(stop="x").stop == ("x",)
+    assert SamplingSettings(temperature=0).greedy
+
+
+# ------------------------------------------------------------------ HF engine
+def test_hf_logprobs_match_forward_pass(hf):
+    res = hf.generate(PROMPTS, SamplingSettings(max_new_tokens=8, temperature=1.0, n=2, seed=3))
+    for samples in res:
+        for c in samples:
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            assert c.logprobs == pytest.approx(hf.score(c.prompt_token_ids, c.token_ids), abs=1e-4)
+
+
+def test_hf_seeded_sampling_is_reproducible_and_leaves_global_rng(hf):
+    s = SamplingSettings(max_new_tokens=8, temperature=1.0, seed=7)
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    a = hf.generate(PROMPTS, s)
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    assert _tokens(a) == _tokens(hf.generate(PROMPTS, s))
+
+
+# --------------------------------------------------------------- vLLM vs HF
+def test_greedy_tokens_and_logprobs_match(hf, vllm_engine):
+    a, b = vllm_engine.generate(PROMPTS, GREEDY), hf.generate(PROMPTS, GREEDY)
+    assert _tokens(a) == _tokens(b)
+    for x, y in zip(a, b):
+        assert x[0].prompt_token_ids == y[0].prompt_token_ids
+        assert x[0].text == y[0].text
+        assert x[0].finish_reason == y[0].finish_reason
+        assert x[0].logprobs == pytest.approx(y[0].logprobs, abs=1e-4)
+
+
+def test_sampled_logprobs_match_hf_forward(hf, vllm_engine):
+    res = vllm_engine.generate(PROMPTS, SamplingSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, n=3, seed=11))
+    assert [len(r) for r in res] == [3] * len(PROMPTS)
+    seqs = {tuple(c.token_ids) for r in res for c in r}
+    assert len(seqs) > 1  # sampling, not greedy
+    for r in res:
+        for c in r:
+            assert c.finish_reason in ("stop", "length")
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            assert c.logprobs == pytest.approx(hf.score(c.prompt_token_ids, c.token_ids), abs=1e-4)
+
+
+def test_vllm_samples_have_independent_streams(vllm_engine):
+    # The same prompt twice with n=3: six samples from six random streams, all different.
+    res = vllm_engine.generate([PROMPTS[0], PROMPTS[0]], SamplingSettings(max_new_tokens=10, temperature=1.0, n=3, seed=0))
+    assert len({tuple(c.token_ids) for r in res for c in r}) == 6
+
+
+def test_vllm_seeded_sampling_is_reproducible(vllm_engine):
+    s = SamplingSettings(max_new_tokens=8, temperature=1.0, n=2, seed=5)
+    assert _tokens(vllm_engine.generate(PROMPTS, s)) == _tokens(vllm_engine.generate(PROMPTS, s))
+
+
+def test_chat_prompts_match(hf, vllm_engine):
+    msgs = [[{"role": "user", "content": "Say hello."}], [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "2+2?"}]]
+    a, b = vllm_engine.generate_chat(msgs, GREEDY), hf.generate_chat(msgs, GREEDY)
+    assert hf.tokenizer.decode(a[1][0].prompt_token_ids).endswith("<|im_start|>assistant\n")
+    assert _tokens(a) == _tokens(b)
+
+
+def test_stop_strings_agree(hf, vllm_engine):
+    # Stop on the second character of the greedy text: both engines cut at the same token and text.
+    ref = hf.generate(PROMPTS[:2], GREEDY)
+    stops = tuple(sorted({r[0].text[3:5] for r in ref if len(r[0].text) > 5}))
+    assert stops
+    s = SamplingSettings(max_new_tokens=12, temperature=0.0, stop=stops)
+    a, b = vllm_engine.generate(PROMPTS[:2], s), hf.generate(PROMPTS[:2], s)
+    assert _tokens(a) == _tokens(b)
+    assert [c[0].text for c in a] == [c[0].text for c in b]
+    assert any(c[0].finish_reason == "stop" and len(c[0].token_ids) < 12 for c in a)
+
+
+def test_update_weights_matches_hf(tiny_model, hf, vllm_engine):
+    from safetensors.torch import load_file
+
+    original = load_file(str(tiny_model / "model.safetensors"))
+    torch.manual_seed(2)
+    changed = {k: (v + 0.05 * torch.randn_like(v)) if v.dim() == 2 else v for k, v in original.items()}
+    before = _tokens(vllm_engine.generate(PROMPTS, GREEDY))
+    other = HFEngine(tiny_model)
+    other.update_weights(changed)
+    vllm_engine.update_weights(changed)
+    try:
+        after, ref = vllm_engine.generate(PROMPTS, GREEDY), other.generate(PROMPTS, GREEDY)
+        assert _tokens(after) != before
+        assert _tokens(after) == _tokens(ref)
+        for x, y in zip(after, ref):
+            assert x[0].logprobs == pytest.approx(y[0].logprobs, abs=1e-4)
+    finally:
+        vllm_engine.update_weights(original)
+    assert _tokens(vllm_engine.generate(PROMPTS, GREEDY)) == before
+
+
+def test_lora_matches_hf_peft(tiny_model, lora_adapter, vllm_engine):
+    base = _tokens(vllm_engine.generate(PROMPTS, GREEDY))
+    other = HFEngine(tiny_model)
+    other.load_lora(lora_adapter)
+    vllm_engine.load_lora(lora_adapter)
+    try:
+        with_lora, ref = vllm_engine.generate(PROMPTS, GREEDY), other.generate(PROMPTS, GREEDY)
+        assert _tokens(with_lora) != base
+        assert _tokens(with_lora) == _tokens(ref)
+        for x, y in zip(with_lora, ref):
+            assert x[0].logprobs == pytest.approx(y[0].logprobs, abs=1e-4)
+    finally:
+        vllm_engine.load_lora(None)
+    assert _tokens(vllm_engine.generate(PROMPTS, GREEDY)) == base
+    other.load_lora(None)
+    assert _tokens(other.generate(PROMPTS, GREEDY)) == base
+
+
+def test_hf_update_weights_rejects_unknown_names(tiny_model):
+    eng = HFEngine(tiny_model)
+    with pytest.raises(KeyError, match="unknown parameter"):
+        eng.update_weights({"not.a.weight": torch.zeros(1)})
+
+
+def test_make_engine_rejects_unknown_kind(tiny_model):
+    with pytest.raises(ValueError, match="unknown kind"):
+        make_engine("tgi", tiny_model)
