@@ -544,7 +544,9 @@ def smollm2_path() -> Path:
 def _read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise PlanError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file)")
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds {', '.join(ggufs[:3])}: pass that file as --model" if ggufs else ""
+        raise PlanError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file){hint}")
     try:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

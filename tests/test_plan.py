@@ -420,7 +420,10 @@ def test_error_missing_path(tmp_path, capsys):
 def test_error_dir_without_config(tmp_path, capsys):
     (tmp_path / "README.md").write_text("hi")
     err = _one_line_error(capsys, ["--model", str(tmp_path)], str(tmp_path))
-    assert "no config.json" in err
+    assert "no config.json" in err and "pass that file" not in err
+    (tmp_path / "m.Q4_0.gguf").write_bytes(b"")
+    err = _one_line_error(capsys, ["--model", str(tmp_path)], str(tmp_path))
+    assert "no config.json" in err and "m.Q4_0.gguf: pass that file as --model" in err
 
 
 @pytest.mark.parametrize("content", ['{"model_type": "llama",\n  oops', "[1, 2]", b"\xff\xfe\x00bad"])
