@@ -91,11 +91,13 @@ def test_resume_after_crash_matches_uninterrupted(tiny_model, tiny_data, tmp_pat
         assert la[s] == pytest.approx(lb[s], rel=1e-5)
 
 
-def test_zero3_on_two_ray_workers_matches_one_process(tiny_model, tiny_data, tmp_path):
-    """Same global batch: 1 process (4x2 micro-batches) vs ZeRO-3 on 2 Ray Train workers (4 each)."""
+@pytest.mark.parametrize("sharded", [["train.strategy=deepspeed", "deepspeed.zero_stage=3"], ["train.strategy=fsdp"]],
+                         ids=["zero3", "fsdp"])
+def test_two_ray_workers_match_one_process(tiny_model, tiny_data, tmp_path, sharded):
+    """Same global batch: 1 process (4x2 micro-batches) vs ZeRO-3 / FSDP on 2 Ray Train workers (4 each)."""
     args = [*common(tiny_model, tiny_data, tmp_path), "train.max_steps=3", "peft.method=full", "optim.lr=1e-3"]
     alignloop("sft", *args, "run_name=one", "train.strategy=single")
-    alignloop("sft", *args, "run_name=two", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "ray.num_workers=2")
+    alignloop("sft", *args, "run_name=two", *sharded, "ray.num_workers=2")
     l1 = [x["loss/sft"] for x in metrics(tmp_path / "one") if "loss/sft" in x]
     l2 = [x["loss/sft"] for x in metrics(tmp_path / "two") if "loss/sft" in x]
     assert len(l1) == len(l2) == 3
