@@ -38,6 +38,9 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = factory
+    # SQLite: reads that need no write lock (authentication) go through a second, read-only engine.
+    app.state.read_engine = make_engine(settings.db_url, read_only=True) if engine.dialect.name == "sqlite" else engine
+    app.state.read_sessionmaker = make_sessionmaker(app.state.read_engine)
 
     app.state.metrics = Metrics()
 
@@ -64,3 +67,18 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     app.add_middleware(RequestObserver, metrics=app.state.metrics, log_requests=settings.log_requests)
     log.debug("app created", extra={"fields": {"db": engine.url.render_as_string(hide_password=True)}})
     return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes (``--workers N``): the CLI has already migrated the
+    schema and bootstrapped the admin, and passes the settings through the environment."""
+    import json  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    from feedback_service.config import WORKER_ENV  # noqa: PLC0415
+    from feedback_service.observability import setup_logging  # noqa: PLC0415
+
+    worker = json.loads(os.environ.get(WORKER_ENV, "{}"))
+    setup_logging(worker.get("log_level", "info"))
+    settings = Settings.from_env().model_copy(update={"log_requests": worker.get("log_requests", True)})
+    return create_app(settings, run_migrations=False)

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=16, help="concurrent labeler clients")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--items", type=int, default=20000)
+    p.add_argument("--workers", type=int, default=1, help="server processes")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-"))
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGNLOOP_ADMIN_TOKEN": ADMIN}
-    cmd = [sys.executable, "-m", "feedback_service", "--db", db, "--port", str(port), "--no-request-log", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "feedback_service", "--db", db, "--port", str(port), "--no-request-log", "--log-level", "warning", "--workers", str(args.workers)]
     server = subprocess.Popen(cmd, env=env)
     try:
         for _ in range(600):
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = [admin.post("/api/v1/labelers", json={"name": f"bench{k}"}).json()["token"] for k in range(args.clients)]
         result = asyncio.run(_run(url, tokens, c["id"], args.seconds))
         stats = admin.get(f"/api/v1/campaigns/{c['id']}/stats").json()
-        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "stored": stats["rankings"]})
+        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "workers": args.workers, "stored": stats["rankings"]})
         print(json.dumps(result))
     finally:
         server.send_signal(signal.SIGTERM)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from feedback_service.config import ADMIN_TOKEN_ENV, DATA_DIR_ENV, DB_ENV, Settings
+from feedback_service.config import ADMIN_TOKEN_ENV, DATA_DIR_ENV, DB_ENV, WORKER_ENV, Settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help=f"data directory (default: ${DATA_DIR_ENV}, else ./alignloop-data)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="server processes (default 1); >1 uses both cores, e.g. 2 on a 2-core machine")
     p.add_argument("--create-admin", metavar="NAME", help="create admin NAME (if needed), print a new token for it once, and exit")
     p.add_argument("--migrate-only", action="store_true", help="apply the schema migrations and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -56,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from feedback_service.app import create_app  # noqa: PLC0415
 
-    app = create_app(settings)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, timeout_graceful_shutdown=5)
+    run = {"host": args.host, "port": args.port, "access_log": False, "log_level": args.log_level, "timeout_graceful_shutdown": 5}
+    if args.workers <= 1:
+        uvicorn.run(create_app(settings), **run)
+        return 0
+    # Several processes: migrate and bootstrap once here, then each worker builds the app from env.
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    if settings.admin_token:
+        with session_scope(make_sessionmaker(engine)) as session:
+            service.bootstrap_admin(session, "admin", datetime.now(timezone.utc).replace(tzinfo=None), settings.admin_token)
+    engine.dispose()
+    os.environ.update({DB_ENV: settings.db_url, DATA_DIR_ENV: str(settings.data_dir), WORKER_ENV: json.dumps({"log_requests": settings.log_requests, "log_level": args.log_level})})
+    os.environ.pop(ADMIN_TOKEN_ENV, None)
+    uvicorn.run("feedback_service.app:app_from_env", factory=True, workers=args.workers, **run)
     return 0

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 DATA_DIR_ENV = "ALIGNLOOP_DATA_DIR"
 DB_ENV = "ALIGNLOOP_DB"
 ADMIN_TOKEN_ENV = "ALIGNLOOP_ADMIN_TOKEN"
+WORKER_ENV = "ALIGNLOOP_FEEDBACK_WORKER"  # set by the CLI for worker processes (--workers > 1)
 
 
 def default_data_dir() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -21,29 +22,59 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=32)
+def make_engine(url: str, read_only: bool = False) -> Engine:
+    """An engine for ``url``. SQLite: ``read_only`` engines begin plain (deferred) transactions,
+    which in WAL mode read a snapshot without taking the write lock (used for authentication)."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=32)
+    # Writers of this process queue on a Python lock before BEGIN IMMEDIATE: SQLite's own busy
+    # handler sleeps in growing steps (up to 100 ms), which turns contention into long tails.
+    # Other processes (uvicorn --workers) still meet at SQLite's lock, with busy_timeout.
+    write_lock = threading.Lock()
 
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
-            dbapi_conn.isolation_level = None  # let us emit BEGIN ourselves (pysqlite would defer it)
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
+    @event.listens_for(engine, "connect")
+    def _sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # let us emit BEGIN ourselves (pysqlite would defer it)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
 
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn) -> None:  # noqa: ANN001
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn) -> None:  # noqa: ANN001
+        if read_only:
+            conn.exec_driver_sql("BEGIN")
+            return
+        if not write_lock.acquire(timeout=60):
+            raise TimeoutError("waited 60 s for the SQLite write lock")
+        dbapi_conn = conn.connection.dbapi_connection
+        _holders[id(dbapi_conn)] = write_lock
+        try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(dbapi_conn)
+            raise
 
-        return engine
-    return create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+    @event.listens_for(engine, "checkin")
+    def _sqlite_checkin(dbapi_conn, _record) -> None:  # noqa: ANN001
+        _release(dbapi_conn)  # released once the committed (or rolled back) connection is back in the pool
+
+    return engine
+
+
+_holders: dict[int, threading.Lock] = {}
+
+
+def _release(dbapi_conn) -> None:  # noqa: ANN001
+    lock = _holders.pop(id(dbapi_conn), None)
+    if lock is not None:
+        lock.release()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -17,19 +17,23 @@ from feedback_service.models import ApiToken, Labeler
 Clock = Callable[[], datetime]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:  # async: no threadpool hop for trivial deps
     return request.app.state.settings
 
 
-def get_clock() -> Clock:
+async def get_clock() -> Clock:
     """Naive UTC now; tests override this dependency to move time (lease expiry)."""
     return lambda: datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One transaction per request, committed before the response is sent (durable 2xx)."""
-    with request.app.state.sessionmaker() as session, session.begin():
+    """One transaction per request, committed before the response is sent (durable 2xx).
+
+    Hot write routes commit themselves at the end of their work; committing again here is a no-op.
+    """
+    with request.app.state.sessionmaker() as session:
         yield session
+        session.commit()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -39,12 +43,16 @@ ClockDep = Annotated[Clock, Depends(get_clock)]
 _bearer = HTTPBearer(auto_error=False, description="API token: `Authorization: Bearer alf_...`")
 
 
-def get_auth(
-    request: Request, session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> tuple[Labeler, ApiToken]:
+def get_auth(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> tuple[Labeler, ApiToken]:
+    """The token's labeler, looked up on every request (a revoked token is refused at once).
+
+    Its own short read transaction: on SQLite it takes no write lock, so the request's write
+    transaction (``get_session``) stays as short as the route's work.
+    """
     if creds is None or not creds.credentials:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    found = service.authenticate(session, creds.credentials)
+    with request.app.state.read_sessionmaker() as session:
+        found = service.authenticate(session, creds.credentials)
     if found is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
     request.state.labeler_id = found[0].id  # for the request log line
@@ -54,14 +62,14 @@ def get_auth(
 AuthDep = Annotated[tuple[Labeler, ApiToken], Depends(get_auth)]
 
 
-def get_current_user(auth: AuthDep) -> Labeler:
+async def get_current_user(auth: AuthDep) -> Labeler:
     return auth[0]
 
 
 CurrentUser = Annotated[Labeler, Depends(get_current_user)]
 
 
-def get_admin(user: CurrentUser) -> Labeler:
+async def get_admin(user: CurrentUser) -> Labeler:
     if user.role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
     return user

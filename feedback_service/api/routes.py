@@ -74,7 +74,7 @@ def _item_public(item, user) -> ItemPublic:  # noqa: ANN001
 @system.get("/health", response_model=Health, tags=["system"])
 def health(request: Request) -> Health:
     """Liveness and schema revision; the only endpoint without a token."""
-    return Health(status="ok", version=__version__, schema_revision=current_revision(request.app.state.engine))
+    return Health(status="ok", version=__version__, schema_revision=current_revision(request.app.state.read_engine))
 
 
 @system.get("/metrics", response_class=PlainTextResponse, tags=["system"])
@@ -218,6 +218,7 @@ def get_item(item_id: IdPath, session: SessionDep, user: CurrentUser) -> ItemPub
 def next_item(campaign_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUser) -> AssignmentPublic | Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
     found = service.next_assignment(session, service.get_campaign(session, campaign_id), user, clock())
+    session.commit()  # here, in the route's thread: the write lock is held only as long as needed
     if found is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     assignment, item = found
@@ -245,6 +246,7 @@ def skip(item_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUse
 def submit_ranking(item_id: IdPath, body: RankingCreate, session: SessionDep, clock: ClockDep, user: CurrentUser, request: Request, response: Response) -> RankingPublic:
     """Store a full order of the item's answers (nested lists are ties). Committed before the 2xx."""
     ranking, created = service.submit_ranking(session, item_id, user, body, clock())
+    session.commit()  # durable before the 2xx; here, so the write lock is held only as long as needed
     if created:
         request.state.ranking_stored = True
     else:

@@ -71,6 +71,7 @@ def app(settings):
     yield app
     app.dependency_overrides.clear()
     app.state.engine.dispose()
+    app.state.read_engine.dispose()
 
 
 class LiveServer:
