@@ -63,7 +63,10 @@ def eval_loss(model_path: str, eval_path: str, max_length: int) -> float:
 def answers(model_path: str, prompts: list[list[dict]], engine: str, max_new_tokens: int) -> list[str]:
     from alignloop.rollout import SamplingSettings, make_engine
 
-    with make_engine(engine, model_path, dtype="float32", seed=0, max_model_len=1024) as eng:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 1024) or 1024
+    with make_engine(engine, model_path, dtype="float32", seed=0, max_model_len=min(1024, limit)) as eng:
         out = eng.generate_chat(prompts, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0))
     return [c[0].text.strip() for c in out]
 

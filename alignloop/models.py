@@ -137,7 +137,13 @@ def load_causal_lm(model_cfg: "ModelConfig", peft_cfg: "PeftConfig | None" = Non
     kwargs: dict = {"dtype": torch_dtype(model_cfg.dtype), "attn_implementation": model_cfg.attn_implementation}
     if peft_cfg is not None and peft_cfg.method == "qlora":
         kwargs["quantization_config"] = qlora_quant_config(model_cfg, peft_cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if "quantization_config" in kwargs:  # never fall back silently to a full-precision run
+            raise ConfigError(f"peft.method=qlora: loading {path} in 4-bit failed on this device ({type(e).__name__}: "
+                              f"{e}); use peft.method=lora, or a device bitsandbytes supports") from e
+        raise
     disable_dropout(model)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
