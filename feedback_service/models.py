@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, false, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # BigInteger on PostgreSQL, INTEGER (rowid alias, autoincrement) on SQLite.
@@ -52,7 +52,10 @@ class Campaign(Base):
 
 class Item(Base):
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("campaign_id", "content_hash", name="uq_items_campaign_hash"),)
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "content_hash", name="uq_items_campaign_hash"),
+        Index("ix_items_campaign_complete_id", "campaign_id", "complete", "id"),
+    )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     content_hash: Mapped[str] = mapped_column(String(64))
@@ -61,6 +64,9 @@ class Item(Base):
     gold_answer_id: Mapped[int | None] = mapped_column(BigId, nullable=True)  # known best answer (quality control)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # Set once the item has `overlap` rankings (rankings are final), so assignment skips finished
+    # items through an index instead of counting their assignments (migration 0003).
+    complete: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     answers: Mapped[list["Answer"]] = relationship(order_by="Answer.position", lazy="selectin")
 
 

@@ -251,12 +251,21 @@ def next_assignment(session: Session, campaign: Campaign, labeler: Labeler, now:
         Assignment.labeler_id == labeler.id,
         or_(Assignment.status != "leased", Assignment.expires_at > now),  # an expired lease of mine may come back
     )
-    candidates = session.scalars(
-        select(Item.id).where(Item.campaign_id == campaign.id, ~mine, taken < campaign.overlap).order_by(Item.id).limit(32)
-    ).all()
-    for item_id in candidates:
-        if _is_pg(session):  # serialize check-then-insert per item; SQLite already holds the write lock
-            session.execute(select(Item.id).where(Item.id == item_id).with_for_update())
+    tried: list[int] = []
+    for _ in range(64):
+        # PostgreSQL: lock the candidate row, skipping rows other requests are locking right now
+        # (no thundering herd on the lowest id); then recount under the lock, since the filter
+        # ran on a snapshot. SQLite: the transaction already holds the database write lock.
+        q = select(Item.id).where(Item.campaign_id == campaign.id, Item.complete.is_(False), ~mine, taken < campaign.overlap)
+        if tried:
+            q = q.where(Item.id.not_in(tried))
+        q = q.order_by(Item.id).limit(1)
+        item_id = session.scalar(q.with_for_update(of=Item, skip_locked=True))
+        if item_id is None:  # every candidate is locked by a request in flight: wait for one
+            item_id = session.scalar(q.with_for_update(of=Item))
+        if item_id is None:
+            return None
+        tried.append(item_id)
         if _slots_taken(session, item_id, now) >= campaign.overlap:
             continue
         expires = now + timedelta(seconds=campaign.lease_seconds)
@@ -331,6 +340,9 @@ def submit_ranking(session: Session, item_id: int, labeler: Labeler, data: Ranki
     ranking = Ranking(item_id=item.id, labeler_id=labeler.id, campaign_id=item.campaign_id, ranking=groups, rationale=data.rationale, created_at=now)
     session.add(ranking)
     session.flush()
+    overlap = session.get_one(Campaign, item.campaign_id).overlap
+    if session.scalar(select(func.count()).select_from(Ranking).where(Ranking.item_id == item.id)) >= overlap:
+        item.complete = True  # under the item's lock (PostgreSQL) or the write lock (SQLite)
     return ranking, True
 
 

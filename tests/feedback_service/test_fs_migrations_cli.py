@@ -36,13 +36,17 @@ def test_upgrade_from_first_revision_keeps_data(db_url, tmp_path) -> None:
     from fastapi.testclient import TestClient
 
     app = create_app(Settings(db_url=db_url, data_dir=tmp_path, admin_token=ADMIN_TOKEN, log_requests=False))
-    assert current_revision(app.state.engine) == "0002"
+    assert current_revision(app.state.engine) == "0003"
     with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        assert client.get("/health").json()["schema_revision"] == "0002"
+        assert client.get("/health").json()["schema_revision"] == "0003"
         assert client.get("/api/v1/items/1").json()["prompt"] == "old prompt"
         export = client.post("/api/v1/campaigns/1/exports", json={"aggregation": "none"}).json()
         rows = client.get(f"/api/v1/exports/{export['id']}/rows").text.splitlines()
         assert len(rows) == 1 and '"chosen": "ans2"' in rows[0]
+        # 0003 backfilled items.complete: the ranked item (overlap 1) is not offered again
+        token = client.post("/api/v1/labelers", json={"name": "new"}).json()["token"]
+        assert client.post("/api/v1/campaigns/1/next", headers={"Authorization": f"Bearer {token}"}).status_code == 204
+        assert client.get("/api/v1/campaigns/1/items").json()[0]["prompt"] == "old prompt"
     app.state.engine.dispose()
     # migrating again is a no-op
     engine = make_engine(db_url)
