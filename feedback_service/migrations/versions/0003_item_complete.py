@@ -14,8 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("items") as batch:
-        batch.add_column(sa.Column("complete", sa.Boolean, nullable=False, server_default=sa.false()))
+    # plain ADD COLUMN (SQLite supports it with a default): no table rebuild, foreign keys untouched
+    op.add_column("items", sa.Column("complete", sa.Boolean, nullable=False, server_default=sa.false()))
     # Backfill: an item is complete when it has as many rankings as its campaign's overlap.
     op.execute(
         """
