@@ -13,6 +13,8 @@ import sys
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("sft.cli:main", "supervised fine-tuning (instruction tuning, LoRA/QLoRA/prompt tuning/frozen layers)"),
     "synth": ("sft.synth:main", "synthetic instruction data (self-instruct) through a rollout engine"),
+    "reward": ("reward.cli:main", "reward model: scalar head on a causal LM, Bradley-Terry / Plackett-Luce, eval + calibration"),
+    "reward-serve": ("reward.serve:main", "HTTP endpoint scoring (prompt, answer) batches with a trained reward model"),
     "plan": ("alignloop.plan:main", "memory plan for full/LoRA/QLoRA under ZeRO-2/3/offload, and license"),
     "serve": ("feedback_service.cli:main", "run the feedback service (labeler API and web page)"),
     "demo": ("alignloop.demo:main", "the main job: end-to-end demo on the packaged base model"),

@@ -30,8 +30,35 @@ PPO_CLIPFRAC = "ppo/clipfrac"
 PPO_APPROX_KL = "ppo/approx_kl"
 PPO_EXPLAINED_VAR = "ppo/explained_variance"
 REWARD_MEAN = "reward/mean"
+REWARD_ACCURACY = "reward/accuracy"  # train batch: share of pairs with r_chosen > r_rejected
+REWARD_MARGIN = "reward/margin"  # train batch: mean r_chosen - r_rejected
+EVAL_ACCURACY = "eval/accuracy"  # held-out pairwise accuracy
+EVAL_REWARD_CHOSEN_MEAN = "eval/reward_chosen_mean"
+EVAL_REWARD_CHOSEN_STD = "eval/reward_chosen_std"
+EVAL_REWARD_REJECTED_MEAN = "eval/reward_rejected_mean"
+EVAL_REWARD_REJECTED_STD = "eval/reward_rejected_std"
+EVAL_ECE = "eval/ece"  # expected calibration error of sigma(r_a - r_b)
+PAIRS_PER_S = "perf/pairs_per_s"
 ROLLOUT_LOGPROB_DIFF = "rollout/logprob_diff"
 TIME_ROLLOUT = "time/rollout_s"
+# PPO stage (issue 5)
+PPO_ENTROPY = "ppo/entropy"
+PPO_KL_COEF = "ppo/kl_coef"
+PPO_KL_LOSS = "ppo/kl_loss"
+PPO_VALUE_CLIPFRAC = "ppo/value_clipfrac"
+PPO_ADVANTAGE_MEAN = "ppo/advantage_mean"
+REWARD_STD = "reward/std"
+REWARD_SHAPED_MEAN = "reward/shaped_mean"
+ROLLOUT_LOGPROB_DIFF_MAX = "rollout/logprob_diff_max"
+ROLLOUT_ANSWER_LENGTH = "rollout/answer_length"
+ROLLOUT_NO_EOS_FRAC = "rollout/no_eos_frac"
+ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"
+TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"
+CRITIC_GRAD_NORM = "critic/grad_norm"
+TIME_SCORE = "time/score_s"
+TIME_PREPARE = "time/prepare_s"
+TIME_TRAIN = "time/train_s"
+TIME_SYNC = "time/sync_s"
 
 
 class MetricsLogger:

@@ -193,8 +193,11 @@ def transformer_blocks(model):
     raise ConfigError(f"peft.method=freeze: cannot find the transformer blocks of {type(base).__name__}")
 
 
-def apply_peft(model, peft_cfg: "PeftConfig", model_path: str | None = None):
-    """Wrap ``model`` for the configured method; returns the model to train."""
+def apply_peft(model, peft_cfg: "PeftConfig", model_path: str | None = None, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` for the configured method; returns the model to train.
+
+    ``task_type="SEQ_CLS"`` (reward models): LoRA leaves the score head out of
+    ``all-linear`` and trains it fully (peft ``modules_to_save``)."""
     method = peft_cfg.method
     if method == "full":
         return model
@@ -218,7 +221,7 @@ def apply_peft(model, peft_cfg: "PeftConfig", model_path: str | None = None):
         if method == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         cfg = peft.LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=peft_cfg.lora_r,
             lora_alpha=peft_cfg.lora_alpha,
             lora_dropout=peft_cfg.lora_dropout,

@@ -1,0 +1,87 @@
+"""Reward stage config (``alignloop reward --config configs/reward.yaml key=value ...``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from alignloop.config import Section
+from alignloop.sections import DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig, RayConfig, TrainConfig
+
+REWARD_PEFT = ("full", "lora", "freeze")
+
+
+class FeedbackSource(Section):
+    url: str = Field(..., description="base URL of a running feedback service, e.g. http://127.0.0.1:8000")
+    token: SecretStr | None = Field(None, description="admin API token (never written to the run directory); default: $token_env")
+    token_env: str = Field("ALIGNLOOP_FEEDBACK_TOKEN", description="environment variable holding the token when token is unset")
+    campaign: str = Field(..., description="campaign name or numeric id")
+    since_watermark: int | None = Field(None, ge=0, description="only feedback newer than this ranking watermark")
+    since_last: bool = Field(False, description="only feedback newer than the campaign's previous export")
+    export_id: int | None = Field(None, gt=0, description="reuse this existing export version instead of creating one")
+    strategy: Literal["all_pairs", "best_vs_rest"] = Field("all_pairs", description="pairs from a ranking")
+    aggregation: Literal["none", "majority", "mean_rank"] = Field("majority", description="how several labelers' rankings combine")
+    min_rankings: int | None = Field(None, gt=0, description="rankings an item needs before it is exported")
+
+
+class RewardDataConfig(Section):
+    train: str | None = Field(None, description="preference rows: .jsonl/.jsonl.gz/.json/.parquet or a datasets directory")
+    feedback: FeedbackSource | None = Field(None, description="train on a live feedback service's export instead of data.train")
+    eval: str | None = Field(None, description="held-out rows (same formats); default: split eval_fraction off train")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of train held out for eval when data.eval is unset")
+    max_length: int = Field(512, gt=1, description="tokens per conversation after the chat template (longer ones lose their oldest tokens)")
+    packing: bool = Field(True, description="padding-free batches: a micro-batch's sequences in one row, no pad tokens computed")
+    limit: int | None = Field(None, gt=0, description="use only the first N training rows (after the eval split)")
+    eval_limit: int | None = Field(None, gt=0, description="evaluate on at most N held-out rows")
+
+    @model_validator(mode="after")
+    def _source(self):
+        if (self.train is None) == (self.feedback is None):
+            raise ValueError("set exactly one of data.train (a file) and data.feedback (a feedback service)")
+        return self
+
+
+class LossConfig(Section):
+    type: Literal["bradley_terry", "plackett_luce"] = Field("bradley_terry", description="pairwise Bradley-Terry, or listwise Plackett-Luce over whole rankings")
+    use_margin: bool = Field(False, description="Bradley-Terry: subtract margin_scale x the row's margin (rows without one: 0)")
+    margin_scale: float = Field(1.0, ge=0, description="weight of the margin")
+    center_coef: float = Field(0.0, ge=0, description="adds coef x mean(r^2) to keep rewards centred near 0 (Eisenstein et al. 2023)")
+
+
+class EvalConfig(Section):
+    calibration_bins: int = Field(10, gt=1, description="bins of the calibration plot and ECE")
+
+
+class RewardConfig(Section):
+    output_dir: str = Field("runs", description="parent directory of run directories")
+    run_name: str = Field("reward", description="run directory name under output_dir")
+    resume: bool = Field(False, description="continue from the newest checkpoint in the run directory")
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    data: RewardDataConfig
+    loss: LossConfig = LossConfig()
+    eval: EvalConfig = EvalConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _checks(self):
+        world = self.ray.num_workers
+        per_rank = self.train.global_batch_size // world if self.train.global_batch_size % world == 0 else None
+        if per_rank is None or per_rank % self.train.micro_batch_size:
+            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} must equal micro_batch_size "
+                             f"{self.train.micro_batch_size} x accumulation x ray.num_workers {world}")
+        if self.peft.method not in REWARD_PEFT:
+            raise ValueError(f"peft.method={self.peft.method} is not supported for reward models (use one of {REWARD_PEFT})")
+        if self.train.strategy == "single" and world > 1:
+            raise ValueError("train.strategy=single runs one process; set ray.num_workers=1 or strategy=deepspeed/fsdp")
+        if self.loss.use_margin and self.loss.type != "bradley_terry":
+            raise ValueError("loss.use_margin applies to loss.type=bradley_terry only")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch_size // (self.ray.num_workers * self.train.micro_batch_size)
