@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from feedback_service import __version__, service
 from feedback_service.api.routes import router, system
@@ -47,6 +48,17 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:
+        # A uniqueness race the service's own checks could not see (two concurrent creates).
+        log.warning("integrity error", extra={"fields": {"error": str(exc.orig)[:500]}})
+        return JSONResponse({"detail": "conflicts with data stored concurrently; retry the request"}, status_code=409)
+
+    @app.exception_handler(OperationalError)
+    async def _operational_error(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable", extra={"fields": {"error": str(exc.orig)[:500]}})
+        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

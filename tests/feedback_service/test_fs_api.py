@@ -414,3 +414,23 @@ def test_client_timestamps_are_utc(admin) -> None:
     c = admin.create_campaign("c")
     created = datetime.fromisoformat(c["created_at"])
     assert created.tzinfo is not None and abs(created - datetime.now(timezone.utc)) < timedelta(minutes=5)
+
+
+def test_concurrent_creates_with_one_name_never_500(admin, live) -> None:
+    import threading
+
+    statuses: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def create() -> None:
+        barrier.wait()
+        r = httpx.post(f"{live.url}/api/v1/labelers", json={"name": "same"}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(statuses) == [201] + [409] * 5
+    assert [lab["name"] for lab in admin.list_labelers()].count("same") == 1
