@@ -15,8 +15,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "synth": ("sft.synth:main", "synthetic instruction data (self-instruct) through a rollout engine"),
     "reward": ("reward.cli:main", "reward model: scalar head on a causal LM, Bradley-Terry / Plackett-Luce, eval + calibration"),
     "reward-serve": ("reward.serve:main", "HTTP endpoint scoring (prompt, answer) batches with a trained reward model"),
+    "dpo": ("ppo.dpo_cli:main", "DPO family (sigmoid/cDPO, robust, IPO, hinge) offline from pairs, or online with vLLM samples"),
     "plan": ("alignloop.plan:main", "memory plan for full/LoRA/QLoRA under ZeRO-2/3/offload, and license"),
     "serve": ("feedback_service.cli:main", "run the feedback service (labeler API and web page)"),
+    "ppo": ("ppo.cli:main", "policy optimization: PPO / GRPO / RLOO / REINFORCE++ with vLLM rollouts, actor + critic on Ray"),
     "demo": ("alignloop.demo:main", "the main job: end-to-end demo on the packaged base model"),
 }
 

@@ -59,6 +59,19 @@ TIME_SCORE = "time/score_s"
 TIME_PREPARE = "time/prepare_s"
 TIME_TRAIN = "time/train_s"
 TIME_SYNC = "time/sync_s"
+# DPO family (issue 5)
+LOSS_DPO = "loss/dpo"
+DPO_REWARD_CHOSEN = "dpo/rewards_chosen"  # mean implicit reward beta * (log pi - log pi_ref) of chosen answers
+DPO_REWARD_REJECTED = "dpo/rewards_rejected"
+DPO_MARGIN = "dpo/margin"  # mean implicit-reward margin chosen - rejected
+DPO_ACCURACY = "dpo/accuracy"  # share of pairs whose chosen implicit reward is higher
+DPO_LOGP_CHOSEN = "dpo/logp_chosen"  # mean sum of answer-token log-probs under the policy
+DPO_LOGP_REJECTED = "dpo/logp_rejected"
+DPO_ROUND = "dpo/round"  # online DPO round (1-based)
+DPO_PAIRS = "dpo/pairs"  # online: pairs made this round
+DPO_TIED = "dpo/tied_prompts"  # online: prompts skipped because best and worst scored the same
+DPO_SCORE_BEST = "dpo/score_best"  # online: mean score of the chosen (best) answers
+DPO_SCORE_WORST = "dpo/score_worst"
 
 
 class MetricsLogger:
