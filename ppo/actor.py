@@ -1,0 +1,227 @@
+"""The policy (actor) trainer and the critic trainer: plain classes, one per worker process.
+
+Both run unchanged in the driver process (``train.strategy=single``) and inside
+the thin Ray actors of ``ppo.ray_actors`` (one per DeepSpeed rank). They see
+only their shard of a rollout batch; the driver computes advantages over the
+whole batch and passes ``global_tokens`` (answer tokens in the whole
+mini-batch) so each rank's loss is its share of the global token mean
+(``ppo.losses`` normalizer): any split over ranks and micro-batches gives the
+same gradient. Metrics come back as token-weighted *sums* that the driver adds
+up and divides once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignloop.models import apply_peft, count_parameters, disable_dropout, load_causal_lm, torch_dtype
+from alignloop.strategy import make_strategy, seed_all
+from ppo import losses as L
+from ppo.config import PPOConfig
+from ppo.experience import Experience
+
+
+def micro_batches(exp: Experience, size: int):
+    for i in range(0, len(exp), size):
+        yield exp.select(slice(i, i + size))
+
+
+def _strategy(cfg: PPOConfig, optim, workers: int):
+    return make_strategy(cfg.resolved_strategy(), optim=optim, ds=cfg.deepspeed, total_steps=cfg.optimizer_steps,
+                         micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.grad_accum(workers),
+                         dtype=cfg.model.dtype)
+
+
+class PolicyTrainer:
+    """π_θ (full or LoRA) with its optimizer, and the reference π_ref (LoRA: the same model, adapter disabled)."""
+
+    def __init__(self, cfg: PPOConfig, model_path: str, workers: int = 1):
+        self.cfg, self.model_path = cfg, model_path
+        self.strategy = _strategy(cfg, cfg.optim, workers)
+        seed_all(cfg.train.seed)
+        self.lora = cfg.peft.method == "lora"
+        self.ref = None
+        if cfg.uses_reference and not self.lora:
+            # A frozen full copy, loaded *before* the ZeRO-3 init context so it stays an ordinary module
+            # (replicated per rank; a sharded reference would be a second DeepSpeed engine).
+            self.ref = load_causal_lm(cfg.model, None, path=model_path).eval().requires_grad_(False)
+        with self.strategy.model_init_context():
+            model = load_causal_lm(cfg.model, cfg.peft, path=model_path)  # dropout off (alignloop.models)
+            if self.lora:
+                model = apply_peft(model, cfg.peft, model_path)
+        self.trainable, self.total = count_parameters(model)
+        self.model = self.strategy.prepare(model)
+        self.model.train()
+
+    @property
+    def rank(self) -> int:
+        return self.strategy.rank
+
+    # ------------------------------------------------------------------ forward
+    def _logits(self, model, exp: Experience) -> torch.Tensor:
+        out = model(**exp.model_inputs(), use_cache=False)
+        return out.logits[:, exp.answer_slice]  # (b, A, V)
+
+    def _reference_context(self):
+        return self.strategy.unwrap().disable_adapter() if self.lora else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logprobs(self, exp: Experience, reference: bool = False) -> torch.Tensor:
+        """(B, A) log π(a_t|s_t) of the current policy, or of the reference; 0 on padding."""
+        out = []
+        with self._reference_context() if reference else contextlib.nullcontext():
+            model = self.ref if (reference and self.ref is not None) else self.model
+            for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
+                out.append(L.logprobs_from_logits(self._logits(model, mb), mb.response_ids) * mb.mask)
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------- update
+    def train_mini_batch(self, exp: Experience, global_tokens: float, kl_coef: float) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; returns token-weighted metric sums."""
+        a = self.cfg.algo
+        sums = {"loss/policy": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0, "ppo/kl_loss": 0.0,
+                "tokens": 0.0}
+        for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
+            logits = self._logits(self.model, mb)  # (b, A, V)
+            lp = L.logprobs_from_logits(logits, mb.response_ids)  # (b, A)
+            w = L.truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, a.is_cap) if a.is_correction else None
+            loss, m = L.policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=a.clip_eps,
+                                    clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip, normalizer=global_tokens,
+                                    is_weights=w)
+            n = float(mb.mask.sum())
+            sums["loss/policy"] += float(loss.detach()) * global_tokens
+            if not a.kl.in_reward and kl_coef > 0:
+                # KL in the loss (GRPO): β·mean_t KL(π_θ || π_ref), gradient through π_θ's log-probs.
+                kl = L.masked_sum(L.kl_penalty(lp, mb.ref_logprobs, a.kl.estimator), mb.mask) / global_tokens
+                loss = loss + kl_coef * kl
+                sums["ppo/kl_loss"] += float(kl.detach()) * global_tokens
+            self.strategy.backward(loss)
+            sums["ppo/clipfrac"] += m["clipfrac"] * n
+            sums["ppo/approx_kl"] += m["approx_kl"] * n
+            with torch.no_grad():
+                sums["ppo/entropy"] += float(L.masked_sum(L.entropy_from_logits(logits.detach()), mb.mask))
+            sums["tokens"] += n
+        sums["optim/grad_norm"] = self.strategy.step()
+        sums["optim/lr"] = self.strategy.lr()
+        return sums
+
+    # --------------------------------------------------------------------- sync
+    def save_adapter(self, out: str | Path) -> str | None:
+        """LoRA: write the adapter (only) to ``out`` on rank 0; a collective under ZeRO-3."""
+        model = self.strategy.unwrap()
+        params = [p for p in model.parameters() if p.requires_grad]
+        ctx = contextlib.nullcontext()
+        if getattr(self.strategy, "ds_cfg", None) is not None and self.strategy.ds_cfg.zero_stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with ctx:
+            if self.rank == 0:
+                model.save_pretrained(str(out))
+        return str(out) if self.rank == 0 else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights with Hugging Face names on rank 0 (empty elsewhere); a collective under ZeRO-3."""
+        return self.strategy.full_state_dict()
+
+    def parameters_digest(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters, gathered (tests compare ranks/processes with it)."""
+        model = self.strategy.unwrap()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        ctx = contextlib.nullcontext()
+        if getattr(self.strategy, "ds_cfg", None) is not None and self.strategy.ds_cfg.zero_stage == 3:
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with ctx:
+            return {n: p.detach().clone().cpu() for n, p in named}
+
+    # --------------------------------------------------------------- checkpoint
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        self.strategy.save_checkpoint(path, client_state)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return self.strategy.load_checkpoint(path)
+
+
+class ValueModel(nn.Module):
+    """V(s_t) for every position: the backbone of a ``*ForSequenceClassification`` model and its scalar ``score`` head."""
+
+    def __init__(self, seq: nn.Module):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        inner = self.seq.get_base_model() if hasattr(self.seq, "get_base_model") else self.seq
+        backbone = getattr(inner, inner.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (b, T, d)
+        return inner.score(hidden).squeeze(-1).float()  # (b, T)
+
+
+def load_value_model(cfg: PPOConfig, path: str) -> nn.Module:
+    """Backbone + head from a reward model directory (head kept) or from the policy (head freshly initialised)."""
+    from transformers import AutoModelForSequenceClassification
+
+    seq = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation)
+    disable_dropout(seq)
+    if cfg.peft.method == "lora":
+        import peft
+
+        p = cfg.peft
+        # SEQ_CLS: LoRA on the backbone, the value head trained fully (modules_to_save).
+        seq = peft.get_peft_model(seq, peft.LoraConfig(task_type="SEQ_CLS", r=p.lora_r, lora_alpha=p.lora_alpha,
+                                                       lora_dropout=p.lora_dropout, target_modules=p.target_modules))
+    return ValueModel(seq)
+
+
+class CriticTrainer:
+    """The value function V_φ: initialised from the reward model when given, else from the policy backbone."""
+
+    def __init__(self, cfg: PPOConfig, model_path: str, workers: int = 1):
+        self.cfg = cfg
+        self.strategy = _strategy(cfg, cfg.critic.optim, workers)
+        seed_all(cfg.train.seed + 1)  # the fresh head's init, independent of the actor's RNG use
+        with self.strategy.model_init_context():
+            model = load_value_model(cfg, cfg.critic.init_from or model_path)
+        self.model = self.strategy.prepare(model)
+        self.model.train()
+
+    @property
+    def rank(self) -> int:
+        return self.strategy.rank
+
+    def _values(self, exp: Experience) -> torch.Tensor:
+        return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
+
+    @torch.no_grad()
+    def values(self, exp: Experience) -> torch.Tensor:
+        return torch.cat([self._values(mb) * mb.mask for mb in micro_batches(exp, self.cfg.train.micro_batch_size)])
+
+    def train_mini_batch(self, exp: Experience, global_tokens: float) -> dict[str, float]:
+        sums = {"loss/value": 0.0, "ppo/value_clipfrac": 0.0, "tokens": 0.0}
+        for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
+            v = self._values(mb)
+            loss, m = L.value_loss(v, mb.values, mb.returns, mb.mask, clip_eps=self.cfg.algo.value_clip,
+                                   normalizer=global_tokens)
+            self.strategy.backward(loss)
+            n = float(mb.mask.sum())
+            sums["loss/value"] += float(loss.detach()) * global_tokens
+            sums["ppo/value_clipfrac"] += m["value_clipfrac"] * n
+            sums["tokens"] += n
+        sums["critic/grad_norm"] = self.strategy.step()
+        return sums
+
+    def parameters_digest(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().cpu() for n, p in self.strategy.unwrap().named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        self.strategy.save_checkpoint(path, client_state)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        return self.strategy.load_checkpoint(path)

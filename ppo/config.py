@@ -1,0 +1,183 @@
+"""PPO stage config (``alignloop ppo --config configs/ppo.yaml key=value ...``).
+
+Every implementation detail of PPO-for-LM is one field here with its default
+(issue 5); the same config runs PPO (``algo.advantage=gae``, with a critic) and
+its critic-free relatives GRPO, RLOO and REINFORCE++.
+
+Batch arithmetic, computed once (``derived``): one iteration samples
+``rollout.prompts_per_step x rollout.n_samples`` answers (the rollout batch B);
+each of ``algo.ppo_epochs`` passes splits B into ``algo.num_mini_batches``
+optimizer steps; a mini-batch is split over ``ray.actor_workers`` ranks and then
+into micro-batches of ``train.micro_batch_size``. Every division must be exact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignloop.config import Section
+from alignloop.sections import DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig
+
+
+class PromptDataConfig(Section):
+    prompts: str = Field(..., description="prompts file (.jsonl): one {\"prompt\": str} or {\"messages\": [...]} per line")
+    chat_template: bool = Field(True, description="render prompts with the tokenizer's chat template (assistant turn open)")
+    max_prompt_tokens: int = Field(256, gt=0, description="longer prompts keep their last N tokens")
+    limit: int | None = Field(None, gt=0, description="use only the first N prompts")
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "hf", "auto"] = Field("auto", description="vllm (fast), hf (transformers generate), auto: vllm when importable")
+    prompts_per_step: int = Field(8, gt=0, description="prompts sampled per iteration")
+    n_samples: int = Field(1, gt=0, description="answers per prompt (the group size of GRPO/RLOO)")
+    max_new_tokens: int = Field(64, gt=0, description="A: answer length cap (answers that hit it get no EOS)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (1.0 keeps the sampler equal to the trained policy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_model_len: int = Field(1024, gt=0, description="vLLM context length")
+    log_samples: int = Field(0, ge=0, description="print this many (prompt, answer, score) triples per logged step")
+
+
+class RewardRule(Section):
+    fn: str = Field(..., description="'module:function' with fn(prompt: str, answer: str, **kwargs) -> float")
+    weight: float = Field(1.0, description="weight of this rule in the summed score")
+    kwargs: dict = Field(default_factory=dict, description="extra keyword arguments for the function")
+
+
+class RewardSectionConfig(Section):
+    rules: list[RewardRule] = Field(default_factory=list, description="rule rewards, summed with their weights")
+    model: str | None = Field(None, description="learned reward model directory (reward stage final/), added with weight model_weight")
+    model_weight: float = Field(1.0, description="weight of the learned reward model's score")
+    url: str | None = Field(None, description="remote HTTP scorer (POST {prompts, answers} -> {scores}), added with weight url_weight")
+    url_weight: float = Field(1.0, description="weight of the remote scorer's score")
+    normalize: Literal["none", "stored", "fixed"] = Field("none", description="score normalisation: none; stored: (s - mean)/std with "
+                                                          "the reward model's reward_stats.json; fixed: with mean/std below")
+    mean: float = Field(0.0, description="normalize=fixed: score mean")
+    std: float = Field(1.0, gt=0, description="normalize=fixed: score std")
+    clip: float | None = Field(None, gt=0, description="clip the (normalised) score to [-clip, clip] (None = off)")
+    no_eos_penalty: float | None = Field(None, description="answers without EOS (cut at max_new_tokens) get this score instead "
+                                         "of theirs (None = keep the score)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.rules and self.model is None and self.url is None:
+            raise ValueError("reward: give at least one of reward.rules, reward.model, reward.url")
+        if self.normalize == "stored" and self.model is None:
+            raise ValueError("reward.normalize=stored reads the reward model's statistics; set reward.model")
+        return self
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0, description="β: initial KL coefficient (0 = no KL and no reference model)")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator (k1 log-ratio, k2 squared, k3 Schulman's unbiased ≥ 0)")
+    in_reward: bool = Field(True, description="true: -β·KL per token in the reward (InstructGPT); false: β·KL term in the policy loss (GRPO)")
+    adaptive: bool = Field(False, description="adaptive controller (Ziegler et al. 2019) instead of a fixed β")
+    target: float = Field(6.0, gt=0, description="adaptive: target KL per answer")
+    horizon: int = Field(10000, gt=0, description="adaptive: horizon in samples")
+
+
+class AlgoConfig(Section):
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field("gae", description="advantage estimator; only gae trains a critic")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE / REINFORCE++ discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    whiten_advantages: bool = Field(True, description="whiten GAE advantages over the global batch (grpo/rloo: not applied; reinforce_pp always whitens)")
+    grpo_scale: bool = Field(True, description="grpo: divide by the group std (false = Dr. GRPO)")
+    clip_eps: float = Field(0.2, gt=0, description="policy ratio clip ε (low side)")
+    clip_eps_high: float | None = Field(None, gt=0, description="ratio clip on the high side (None = clip_eps; DAPO 'clip higher')")
+    dual_clip: float | None = Field(None, gt=1, description="dual clip c > 1 for negative advantages (None = off)")
+    value_clip: float | None = Field(0.2, gt=0, description="value clipping around the old values (None = off)")
+    ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    num_mini_batches: int = Field(1, gt=0, description="optimizer steps per pass")
+    is_correction: bool = Field(False, description="truncated importance sampling between rollout engine and trainer log-probs")
+    is_cap: float = Field(2.0, gt=0, description="truncation cap of the IS weights")
+    kl: KLConfig = KLConfig()
+
+
+class CriticConfig(Section):
+    init_from: str | None = Field(None, description="critic weights: a reward model directory (its backbone and head); default: the policy backbone with a fresh head")
+    warmup_steps: int = Field(0, ge=0, description="first iterations in which only the critic trains")
+    optim: OptimConfig = OptimConfig(lr=1e-4)
+
+
+class PPORayConfig(Section):
+    use_ray: bool = Field(False, description="run actor, critic and rollout engine as Ray actors")
+    actor_workers: int = Field(1, ge=1, description="actor (policy) DeepSpeed workers")
+    critic_workers: int = Field(1, ge=1, description="critic DeepSpeed workers")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker actor (fractions allowed)")
+    threads_per_worker: int = Field(1, gt=0, description="torch threads in each worker")
+    address: str | None = Field(None, description="Ray cluster address (default: the job's cluster, else a local one)")
+
+
+class PPOTrainConfig(Section):
+    strategy: Literal["auto", "single", "deepspeed"] = Field("auto", description="auto: single process in-process, DeepSpeed ZeRO on Ray")
+    micro_batch_size: int = Field(4, gt=0, description="sequences per forward/backward per worker")
+    max_steps: int = Field(20, gt=0, description="PPO iterations (rollout + update)")
+    seed: int = Field(42, description="seed for prompt order, sampling and init")
+    log_every: int = Field(1, gt=0, description="log metrics every N iterations")
+    save_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept")
+
+
+class PPOConfig(Section):
+    output_dir: str = Field("runs", description="parent directory of run directories")
+    run_name: str = Field("ppo", description="run directory name under output_dir")
+    resume: bool = Field(False, description="continue from the newest checkpoint in the run directory")
+    model: ModelConfig = ModelConfig()
+    peft: PeftConfig = PeftConfig()
+    data: PromptDataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardSectionConfig
+    algo: AlgoConfig = AlgoConfig()
+    critic: CriticConfig = CriticConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-5, scheduler="constant")
+    train: PPOTrainConfig = PPOTrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    ray: PPORayConfig = PPORayConfig()
+
+    @model_validator(mode="after")
+    def _checks(self):
+        a, r = self.algo, self.rollout
+        if a.advantage in ("grpo", "rloo") and r.n_samples < 2:
+            raise ValueError(f"algo.advantage={a.advantage} normalises within groups: rollout.n_samples must be >= 2")
+        if self.peft.method not in ("full", "lora"):
+            raise ValueError(f"peft.method={self.peft.method}: PPO supports full and lora (vLLM syncs full weights or a LoRA adapter)")
+        B = r.prompts_per_step * r.n_samples
+        for workers, who in ((self.ray.actor_workers, "ray.actor_workers"), (self.ray.critic_workers, "ray.critic_workers")):
+            if B % a.num_mini_batches or (B // a.num_mini_batches) % (workers * self.train.micro_batch_size):
+                raise ValueError(f"rollout batch {B} (prompts_per_step x n_samples) must split into algo.num_mini_batches "
+                                 f"{a.num_mini_batches} x {who} {workers} x train.micro_batch_size {self.train.micro_batch_size}")
+        if not self.ray.use_ray and (self.ray.actor_workers > 1 or self.ray.critic_workers > 1):
+            raise ValueError("ray.actor_workers/critic_workers > 1 need ray.use_ray=true")
+        if self.train.strategy == "deepspeed" and not self.ray.use_ray:
+            raise ValueError("train.strategy=deepspeed runs on Ray workers: set ray.use_ray=true")
+        return self
+
+    # ------------------------------------------------------------ derived sizes
+    @property
+    def uses_critic(self) -> bool:
+        return self.algo.advantage == "gae"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.algo.kl.coef > 0
+
+    @property
+    def rollout_batch(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.n_samples
+
+    @property
+    def mini_batch(self) -> int:
+        return self.rollout_batch // self.algo.num_mini_batches
+
+    def grad_accum(self, workers: int) -> int:
+        return self.mini_batch // (workers * self.train.micro_batch_size)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.train.max_steps * self.algo.ppo_epochs * self.algo.num_mini_batches
+
+    def resolved_strategy(self) -> str:
+        if self.train.strategy != "auto":
+            return self.train.strategy
+        return "deepspeed" if self.ray.use_ray else "single"

@@ -1,0 +1,93 @@
+"""Rollout batches as tensors: prompts left-padded to P, answers right-padded to A.
+
+Layout of one row of the model input (T = P + A)::
+
+    [pad pad p0 p1 p2 | a0 a1 a2 EOS pad pad]
+     <- prompt, P ->    <- answer, A ->
+
+so every answer starts at column P and the logits that predict answer token t
+sit at column P - 1 + t for every row: one slice ``[:, P-1 : P-1+A]`` gives all
+(B, A) log-probs and values, with no per-row gather. Position ids count real
+tokens from each row's first one, so left padding changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Experience:
+    """One rollout batch; every tensor's first dim is B (answers, n consecutive per prompt)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded prompt ids
+    prompt_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, A) answer ids a_t, right-padded
+    mask: torch.Tensor  # (B, A) 1 on real answer tokens (up to and including EOS)
+    rollout_logprobs: torch.Tensor  # (B, A) log π_engine(a_t|s_t) from the rollout engine (raw logits)
+    has_eos: torch.Tensor  # (B,) bool: the answer ended with EOS (not cut at max_new_tokens)
+    old_logprobs: torch.Tensor | None = None  # (B, A) log π_θold(a_t|s_t), trainer forward before the update
+    ref_logprobs: torch.Tensor | None = None  # (B, A) log π_ref(a_t|s_t)
+    values: torch.Tensor | None = None  # (B, A) V_old(s_t) from the critic
+    scores: torch.Tensor | None = None  # (B,) shaped sequence score (after EOS penalty, normalisation, clip)
+    advantages: torch.Tensor | None = None  # (B, A) A_t
+    returns: torch.Tensor | None = None  # (B, A) R_t (critic target)
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, idx: slice | torch.Tensor | list[int]) -> "Experience":
+        """Rows ``idx`` of every tensor (micro-batches, rank shards)."""
+        return replace(self, **{f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None)
+                                for f in fields(self)})
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, T)
+        attn = torch.cat([self.prompt_mask, self.mask], dim=1).long()  # (B, T)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions from each row's first real token
+        return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos}
+
+    @property
+    def answer_slice(self) -> slice:
+        P, A = self.prompt_ids.shape[1], self.response_ids.shape[1]
+        return slice(P - 1, P - 1 + A)  # columns whose outputs predict / evaluate answer tokens
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def cut_after_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Drop everything after the first EOS (kept); an engine that ran on past EOS must not be trained on it."""
+    for t, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[: t + 1], True
+    return ids, False
+
+
+def build_experience(prompt_ids: list[list[int]], responses: list[list[int]], logprobs: list[list[float]],
+                     eos_ids: set[int], pad_id: int) -> Experience:
+    """Pad B prompts and answers into an :class:`Experience` (answers cut after EOS; empty answers keep one pad)."""
+    B = len(prompt_ids)
+    cut = [cut_after_eos(list(r), eos_ids) for r in responses]
+    P = max(len(p) for p in prompt_ids)
+    A = max(1, max(len(r) for r, _ in cut))
+    prompt = torch.full((B, P), pad_id, dtype=torch.long)
+    pmask = torch.zeros(B, P, dtype=torch.long)
+    resp = torch.full((B, A), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, A, dtype=torch.float32)
+    lps = torch.zeros(B, A, dtype=torch.float32)
+    for i, (p, (r, _)) in enumerate(zip(prompt_ids, cut)):
+        prompt[i, P - len(p):] = torch.tensor(p)
+        pmask[i, P - len(p):] = 1
+        if r:
+            resp[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+            lps[i, : len(r)] = torch.tensor(logprobs[i][: len(r)], dtype=torch.float32)
+    has_eos = torch.tensor([e for _, e in cut], dtype=torch.bool)
+    return Experience(prompt, pmask, resp, mask, lps, has_eos)
+
+
+def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=0)

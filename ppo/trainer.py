@@ -1,0 +1,402 @@
+"""The PPO loop (and GRPO / RLOO / REINFORCE++), as numbered stages over plain role objects.
+
+One iteration::
+
+    1 prompts     -> 2 generate (rollout engine)  -> 3 score (rules / reward model / HTTP)
+    -> 4 old, reference log-probs and values (trainer forward passes)
+    -> 5 per-token KL, shaped rewards, advantages (whole batch, so whitening is global)
+    -> 6 update: critic and actor, ppo_epochs x num_mini_batches optimizer steps
+    -> 7 sync weights into the engine  -> 8 log, checkpoint
+
+``Roles`` hides where the actor, critic and engine live: ``LocalRoles`` keeps
+them in this process (tests, one machine), ``ppo.ray_actors.RayRoles`` puts
+them in Ray actors (actor and critic as groups of DeepSpeed ranks). The loop is
+the same code for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alignloop import metrics as M
+from alignloop import rundir
+from alignloop.batching import global_batch_indices
+from alignloop.config import ConfigError
+from alignloop.data import DataError
+from alignloop.rollout import SamplingSettings, _generation_config, _stop_token_ids
+from ppo import losses as L
+from ppo.config import PPOConfig
+from ppo.experience import Experience, build_experience
+
+
+# ------------------------------------------------------------------ prompts
+
+def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Rows of a prompts .jsonl: {"prompt": str} or {"messages": [{"role", "content"}, ...]}; errors name file:line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.prompts: file not found: {p}")
+    rows = []
+    with open(p) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{i}: expected a JSON object")
+            if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+                rows.append({"messages": [{"role": "user", "content": row["prompt"]}], "text": row["prompt"]})
+            elif isinstance(row.get("messages"), list) and row["messages"] and all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+                    for m in row["messages"]):
+                if row["messages"][-1]["role"] != "user":
+                    raise DataError(f"{p}:{i}: messages must end with a user turn")
+                rows.append({"messages": row["messages"], "text": row["messages"][-1]["content"]})
+            else:
+                raise DataError(f"{p}:{i}: needs a non-empty 'prompt' string or a 'messages' list of {{role, content}}")
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise DataError(f"{p}: no prompts")
+    return rows
+
+
+def tokenize_prompts(rows: list[dict], tok, chat: bool, max_tokens: int) -> list[list[int]]:
+    """The same ids the rollout engine would build (rollout.py conventions), keeping the last ``max_tokens``."""
+    out = []
+    for r in rows:
+        if chat:
+            text = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok("\n".join(m["content"] for m in r["messages"]))["input_ids"]
+        out.append(list(ids)[-max_tokens:])
+    return out
+
+
+# --------------------------------------------------------------- advantages
+
+def compute_advantages(cfg: PPOConfig, exp: Experience, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, returns, token KL) for the whole batch: stage 5. Pure tensor code over ``exp``.
+
+    KL (chosen estimator) of π_θold vs π_ref per answer token; in the reward (-β·KL per
+    token, the score at the last real token) when ``algo.kl.in_reward``, else it is left
+    to the policy loss. GRPO/RLOO turn the KL into a sequence-level penalty Σ_t β·KL_t.
+    """
+    a, mask = cfg.algo, exp.mask
+    if exp.ref_logprobs is not None:
+        kl = L.kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl.estimator) * mask  # (B, A)
+    else:
+        kl = torch.zeros_like(mask)
+    beta = kl_coef if a.kl.in_reward else 0.0
+    if a.advantage == "gae":
+        rewards = L.shaped_rewards(exp.scores, kl, mask, beta)  # (B, A)
+        adv, returns = L.gae(rewards, exp.values, mask, gamma=a.gamma, lam=a.lam)
+        if a.whiten_advantages:
+            adv = L.masked_whiten(adv, mask)
+        return adv, returns, kl
+    if a.advantage == "reinforce_pp":
+        rewards = L.shaped_rewards(exp.scores, kl, mask, beta)
+        adv = L.reinforce_pp_advantages(rewards, mask, gamma=a.gamma)
+        return adv, adv.clone(), kl
+    seq = exp.scores.float() - beta * kl.sum(-1)  # (B,) sequence score net of the KL penalty
+    n = cfg.rollout.n_samples
+    if a.advantage == "grpo":
+        adv = L.grpo_advantages(seq, n, mask, scale=a.grpo_scale)
+    else:
+        adv = L.rloo_advantages(seq, n, mask)
+    return adv, adv.clone(), kl
+
+
+def make_kl_controller(cfg: PPOConfig):
+    k = cfg.algo.kl
+    if k.adaptive:
+        return L.AdaptiveKLController(k.coef, k.target, k.horizon)
+    return L.FixedKLController(k.coef)
+
+
+# -------------------------------------------------------------------- roles
+
+class LocalRoles:
+    """Actor, critic and engine in this process (``train.strategy=single``)."""
+
+    def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
+        from ppo.actor import CriticTrainer, PolicyTrainer
+
+        self.cfg, self.run = cfg, run
+        self.actor = PolicyTrainer(cfg, model_path)
+        self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
+        self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
+        self.sync_dir = run / "sync"
+
+    def generate(self, prompt_ids, settings):
+        return self.engine.generate(prompt_ids, settings)
+
+    def logprobs(self, exp, reference=False):
+        return self.actor.logprobs(exp, reference)
+
+    def values(self, exp):
+        return self.critic.values(exp)
+
+    def train_actor(self, exp, global_tokens, kl_coef):
+        return self.actor.train_mini_batch(exp, global_tokens, kl_coef)
+
+    def train_critic(self, exp, global_tokens):
+        return self.critic.train_mini_batch(exp, global_tokens)
+
+    def sync(self) -> None:
+        if self.cfg.peft.method == "lora":
+            self.engine.load_lora(self.actor.save_adapter(self.sync_dir / "adapter"))
+        else:
+            self.engine.update_weights(self.actor.full_state_dict())
+
+    def save(self, path: Path, client: dict) -> None:
+        self.actor.save_checkpoint(path / "actor", client)
+        if self.critic is not None:
+            self.critic.save_checkpoint(path / "critic", {})
+
+    def load(self, path: Path) -> dict:
+        client = self.actor.load_checkpoint(path / "actor")
+        if self.critic is not None:
+            self.critic.load_checkpoint(path / "critic")
+        return client
+
+    def save_final(self, out: Path) -> None:
+        if self.cfg.peft.method == "lora":
+            self.actor.save_adapter(out / "adapter")
+        else:
+            self.actor.strategy.unwrap().save_pretrained(out, state_dict=self.actor.full_state_dict(),
+                                                         safe_serialization=True)
+
+    def actor_digest(self) -> dict:
+        return self.actor.parameters_digest()
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_rollout_engine(cfg: PPOConfig, model_path: str):
+    from alignloop.rollout import make_engine
+
+    r = cfg.rollout
+    limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings") or r.max_model_len
+    return make_engine(r.engine, model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                       max_model_len=min(r.max_model_len, int(limit)),
+                       enable_lora=cfg.peft.method == "lora", max_lora_rank=cfg.peft.lora_r,
+                       chat_template=cfg.model.chat_template, batch_size=max(1, cfg.rollout_batch))
+
+
+# --------------------------------------------------------------------- loop
+
+def _sum_dicts(parts: list[dict]) -> dict:
+    out: dict = {}
+    for d in parts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+class PPOLoop:
+    """Stages 1-8 for ``train.max_steps`` iterations, with resume and fault injection."""
+
+    def __init__(self, cfg: PPOConfig, roles, tokenizer, run: Path, reward, prompts: list[dict], model_path: str):
+        self.cfg, self.roles, self.tok, self.run, self.reward = cfg, roles, tokenizer, run, reward
+        self.prompts = prompts
+        self.prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.data.chat_template, cfg.data.max_prompt_tokens)
+        self.eos_ids = set(_stop_token_ids(tokenizer, _generation_config(model_path)))  # what the engines stop on
+        self.kl_ctl = make_kl_controller(cfg)
+        self.logger = M.MetricsLogger(run)
+        self.start = 0
+
+    # 0. resume ----------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        if not self.cfg.resume:
+            return
+        found = rundir.latest_checkpoint(self.run)
+        if found is None:
+            return
+        client = self.roles.load(found[1])
+        self.start = int(client["step"])
+        self.kl_ctl.load_state_dict(client["kl"])
+        if client.get("data_position", self.start) != self.start:
+            raise ConfigError(f"checkpoint {found[1]}: data position {client['data_position']} != step {self.start}")
+        self.roles.sync()  # the engine must sample from the restored policy
+        print(f"[alignloop] resumed from {found[1]} (step {self.start})", flush=True)
+
+    def settings(self, step: int) -> SamplingSettings:
+        r = self.cfg.rollout
+        # A fresh, reproducible stream per iteration (the engine offsets it per request): a resumed run samples
+        # exactly what the uninterrupted one did.
+        return SamplingSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                n=r.n_samples, seed=(self.cfg.train.seed * 1_000_003 + step * 10_007) % (2**31))
+
+    def run_all(self) -> list[dict]:
+        self.maybe_resume()
+        history = []
+        for step in range(self.start, self.cfg.train.max_steps):
+            rec = self.iteration(step)
+            history.append(rec)
+            done = step + 1
+            if done % self.cfg.train.log_every == 0 or done == self.cfg.train.max_steps:
+                self.logger.log(done, rec)
+            every = self.cfg.train.save_every
+            if (every and done % every == 0) or done == self.cfg.train.max_steps:
+                self.checkpoint(done)
+            if os.environ.get("ALIGNLOOP_CRASH_AFTER_STEP") == str(done):  # fault injection for the resume test
+                raise SystemExit(f"[alignloop] simulated crash after step {done}")
+        self.logger.close()
+        return history
+
+    def checkpoint(self, done: int) -> None:
+        path = rundir.checkpoint_path(self.run, done)
+        self.roles.save(path, {"step": done, "kl": self.kl_ctl.state_dict(), "data_position": done})
+        rundir.mark_done(path)
+        rundir.prune(self.run, self.cfg.train.keep_checkpoints)
+
+    def iteration(self, step: int) -> dict:
+        cfg, a = self.cfg, self.cfg.algo
+        rec: dict[str, float] = {}
+
+        # 1. prompts: a deterministic function of the step (the data position is the step)
+        idx = global_batch_indices(len(self.prompts), cfg.rollout.prompts_per_step, step, cfg.train.seed)
+        prompt_ids = [self.prompt_ids[i] for i in idx]
+
+        # 2. generate: n consecutive samples per prompt
+        t0 = time.perf_counter()
+        outs = self.roles.generate(prompt_ids, self.settings(step))
+        t_gen = time.perf_counter() - t0
+        comps = [c for samples in outs for c in samples]  # (B,) prompt-major
+        p_ids = [p for p in prompt_ids for _ in range(cfg.rollout.n_samples)]
+        exp = build_experience(p_ids, [c.token_ids for c in comps], [c.logprobs for c in comps], self.eos_ids,
+                               self.tok.pad_token_id)
+
+        # 3. score: raw scores, then EOS penalty / normalisation / clip
+        t0 = time.perf_counter()
+        texts = [self.prompts[i]["text"] for i in idx for _ in range(cfg.rollout.n_samples)]
+        answers = [c.text for c in comps]
+        raw = torch.tensor(self.reward.raw(texts, answers), dtype=torch.float32)  # (B,)
+        exp.scores = torch.tensor(self.reward.shape(raw.tolist(), exp.has_eos.tolist()), dtype=torch.float32)
+        t_score = time.perf_counter() - t0
+
+        # 4. old / reference log-probs and values
+        t0 = time.perf_counter()
+        exp.old_logprobs = self.roles.logprobs(exp)
+        exp.ref_logprobs = self.roles.logprobs(exp, reference=True) if cfg.uses_reference else None
+        exp.values = self.roles.values(exp) if cfg.uses_critic else None
+
+        # 5. KL, shaped rewards, advantages over the whole batch
+        kl_coef = self.kl_ctl.value
+        exp.advantages, exp.returns, kl = compute_advantages(cfg, exp, kl_coef)
+        t_prep = time.perf_counter() - t0
+        mask = exp.mask
+        n_tok = float(mask.sum())
+        seq_kl = float(kl.sum(-1).mean())
+
+        # 6. update: critic every iteration; the actor after the critic warm-up
+        t0 = time.perf_counter()
+        train_actor = step >= cfg.critic.warmup_steps or not cfg.uses_critic
+        g = torch.Generator().manual_seed(cfg.train.seed * 7_919 + step)
+        actor_sums, critic_sums = [], []
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(len(exp), generator=g)
+            for mb_idx in order.view(a.num_mini_batches, -1):
+                mb = exp.select(mb_idx)
+                tokens = float(mb.mask.sum())
+                if cfg.uses_critic:
+                    critic_sums.append(self.roles.train_critic(mb, tokens))
+                if train_actor:
+                    actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
+        t_train = time.perf_counter() - t0
+
+        # 7. sync the new policy into the engine
+        t0 = time.perf_counter()
+        if train_actor:
+            self.roles.sync()
+        t_sync = time.perf_counter() - t0
+
+        self.kl_ctl.update(seq_kl, len(exp))
+
+        # 8. metrics
+        lp_diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * mask
+        rec.update({
+            M.REWARD_MEAN: float(raw.mean()), M.REWARD_STD: float(raw.std()) if len(raw) > 1 else 0.0,
+            M.REWARD_SHAPED_MEAN: float(exp.scores.mean()),
+            M.PPO_KL: seq_kl, M.PPO_KL_COEF: kl_coef,
+            M.ROLLOUT_LOGPROB_DIFF: float(lp_diff.sum() / max(n_tok, 1)), M.ROLLOUT_LOGPROB_DIFF_MAX: float(lp_diff.max()),
+            M.ROLLOUT_ANSWER_LENGTH: float(mask.sum(-1).mean()), M.ROLLOUT_NO_EOS_FRAC: float((~exp.has_eos).float().mean()),
+            M.PPO_ADVANTAGE_MEAN: float(L.masked_mean(exp.advantages, mask)),
+            M.ROLLOUT_TOKENS_PER_S: n_tok / max(t_gen, 1e-9),
+            M.TIME_ROLLOUT: t_gen, M.TIME_SCORE: t_score, M.TIME_PREPARE: t_prep, M.TIME_TRAIN: t_train,
+            M.TIME_SYNC: t_sync,
+        })
+        T = exp.prompt_ids.shape[1] + exp.response_ids.shape[1]
+        passes = (len(actor_sums) > 0) + (len(critic_sums) > 0)
+        rec[M.TRAIN_TOKENS_PER_S] = passes * a.ppo_epochs * len(exp) * T / max(t_train, 1e-9)
+        if cfg.uses_critic:
+            rec[M.PPO_EXPLAINED_VAR] = L.explained_variance(exp.values, exp.returns, mask)
+            s = _sum_dicts(critic_sums)
+            rec[M.LOSS_VALUE] = s["loss/value"] / s["tokens"]
+            rec[M.PPO_VALUE_CLIPFRAC] = s["ppo/value_clipfrac"] / s["tokens"]
+            rec[M.CRITIC_GRAD_NORM] = critic_sums[-1]["critic/grad_norm"]
+        if actor_sums:
+            s = _sum_dicts(actor_sums)
+            for k, name in (("loss/policy", M.LOSS_POLICY), ("ppo/clipfrac", M.PPO_CLIPFRAC),
+                            ("ppo/approx_kl", M.PPO_APPROX_KL), ("ppo/entropy", M.PPO_ENTROPY),
+                            ("ppo/kl_loss", M.PPO_KL_LOSS)):
+                rec[name] = s[k] / s["tokens"]
+            rec[M.GRAD_NORM] = actor_sums[-1]["optim/grad_norm"]
+            rec[M.LR] = actor_sums[-1]["optim/lr"]
+        for i in range(min(cfg.rollout.log_samples, len(answers))):
+            print(f"[sample] score={raw[i]:.3f} prompt={texts[i][:60]!r} answer={answers[i][:120]!r}", flush=True)
+        return rec
+
+
+# ------------------------------------------------------------------ entry
+
+def run_ppo(cfg: PPOConfig, run: Path, engine=None) -> list[dict]:
+    """Build roles (local or Ray), run the loop, write final/. Returns the per-step metric records."""
+    from alignloop.models import load_tokenizer, resolve_model_path
+    from alignloop.strategy import seed_all
+    from ppo.rewards import build_reward
+
+    model_path = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(model_path, cfg.model.chat_template)
+    prompts = read_prompts(cfg.data.prompts, cfg.data.limit)
+    reward = build_reward(cfg.reward)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    seed_all(cfg.train.seed)
+    if cfg.ray.use_ray:
+        from ppo.ray_actors import RayRoles
+
+        roles = RayRoles(cfg, model_path, run)
+    else:
+        roles = LocalRoles(cfg, model_path, run, engine=engine)
+    try:
+        loop = PPOLoop(cfg, roles, tok, run, reward, prompts, model_path)
+        print(f"[alignloop] ppo: advantage={cfg.algo.advantage}, {len(prompts)} prompts, batch {cfg.rollout_batch} "
+              f"({cfg.rollout.prompts_per_step} x {cfg.rollout.n_samples}), {cfg.train.max_steps} steps, "
+              f"peft={cfg.peft.method}, ray={cfg.ray.use_ray}", file=sys.stderr, flush=True)
+        history = loop.run_all()
+        final = run / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        roles.save_final(final)
+        if cfg.peft.method == "lora":
+            tok.save_pretrained(final / "adapter")
+            from alignloop.merge import merge_adapter
+
+            merge_adapter(model_path, final / "adapter", final, cfg.model.dtype)
+        else:
+            tok.save_pretrained(final)
+        return history
+    finally:
+        if engine is None:
+            roles.close()
