@@ -72,6 +72,15 @@ def answers(model_path: str, prompts: list[list[dict]], engine: str, max_new_tok
 
 
 def measure(label: str, model_path: str, eval_path: str, engine: str, max_length: int, max_new_tokens: int) -> dict:
+    """Run in a child process: vLLM's CPU backend binds this process's OpenMP threads and disables
+    ``torch.set_num_threads`` for good, which would slow the training that follows in the same process."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, (label, model_path, eval_path, engine, max_length, max_new_tokens))
+
+
+def _measure(label: str, model_path: str, eval_path: str, engine: str, max_length: int, max_new_tokens: int) -> dict:
     from alignloop.data import iter_rows, to_messages
 
     t0 = time.time()
