@@ -1,0 +1,207 @@
+"""Online (iterative) DPO: each round 1 sample k answers per prompt from the current policy (vLLM with the
+current LoRA adapter) -> 2 score them -> 3 best vs worst become pairs -> 4 train on them (reference: the
+base with the adapter disabled) -> 5 save the adapter and load it into the engine for the next round.
+
+Scorers: a rule callable ``module:function`` taking ``(prompt, answer) -> float`` (the prompt is the last user
+turn), the reward stage's model, or -- the human path -- the feedback service: the k answers are pushed to a
+campaign as items for labelers to rank, and the run stops; the rankings come back as a feedback export that
+``alignloop dpo data.feedback...`` trains on (docs/dpo.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from alignloop import metrics as M
+from alignloop.batching import global_batch_indices
+from alignloop.config import ConfigError
+from alignloop.data import DataError, iter_rows
+from ppo.dpo_config import DPOConfig, RuleScorer
+from ppo.dpo_data import DPOExample
+from ppo.dpo_trainer import DPOLearner
+
+Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> scores, one per answer
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Chat histories ending with a user turn, from rows with ``prompt`` (string or messages) or ``messages``."""
+    from reward.data import _prompt
+
+    out = []
+    for row, where in iter_rows(path):
+        if row.get("prompt") is None and not row.get("messages"):
+            raise DataError(f"{where}: missing field 'prompt' (a string or a list of messages)")
+        msgs = _prompt(row, where)
+        if msgs[-1]["role"] != "user":
+            raise DataError(f"{where}: the prompt must end with a user turn")
+        out.append(msgs)
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def load_rule(spec: str) -> Callable[[str, str], float]:
+    mod, _, name = spec.partition(":")
+    if not mod or not name:
+        raise ConfigError(f"online.scorer.function: expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"online.scorer.function: cannot import {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(fn):
+        raise ConfigError(f"online.scorer.function: {spec!r} is not callable")
+    return fn
+
+
+def make_scorer(sc: RuleScorer) -> Scorer:
+    if sc.kind == "rule":
+        fn = load_rule(sc.function)
+        return lambda prompts, answers: [float(fn(p, a)) for p, a in zip(prompts, answers)]
+    if sc.kind == "reward_model":
+        try:
+            from reward.scorer import RewardScorer  # the reward stage's scorer: score(prompts, answers) -> list[float]
+        except ImportError as e:
+            raise ConfigError(f"online.scorer.kind=reward_model: the reward stage's RewardScorer is not available ({e})") from None
+        scorer = RewardScorer.from_pretrained(sc.reward_model) if hasattr(RewardScorer, "from_pretrained") else RewardScorer(sc.reward_model)
+        return lambda prompts, answers: [float(x) for x in scorer.score(prompts, answers)]
+    raise ConfigError(f"online.scorer.kind={sc.kind} has no in-loop scorer")
+
+
+def check_online(cfg: DPOConfig) -> None:
+    """Everything that can be checked before a model loads: prompt rows, the scorer."""
+    read_prompts(cfg.online.prompts)
+    sc = cfg.online.scorer
+    if sc.kind == "rule":
+        load_rule(sc.function)
+    elif sc.kind == "reward_model" and not Path(sc.reward_model).exists():
+        raise ConfigError(f"online.scorer.reward_model: {sc.reward_model} does not exist")
+
+
+def best_vs_worst(completions, scores: list[list[float]], min_gap: float) -> tuple[list[DPOExample], int]:
+    """One pair per prompt from its k samples: highest score chosen, lowest rejected (first on ties);
+    prompts whose best and worst differ by no more than ``min_gap`` teach nothing and are counted, not paired."""
+    pairs, tied = [], 0
+    for i, (samples, sc) in enumerate(zip(completions, scores)):
+        best = max(range(len(sc)), key=lambda j: sc[j])
+        worst = min(range(len(sc)), key=lambda j: sc[j])
+        if sc[best] - sc[worst] <= min_gap or samples[best].token_ids == samples[worst].token_ids:
+            tied += 1
+            continue
+        p = samples[best].prompt_token_ids
+        w, l = samples[best].token_ids, samples[worst].token_ids
+        pairs.append(DPOExample(p + w, [-100] * len(p) + w, p + l, [-100] * len(p) + l, f"round sample {i}"))
+    return pairs, tied
+
+
+def push_to_feedback(cfg: DPOConfig, run: Path, prompts: list[list[dict]], completions) -> dict:
+    """The human path: the k answers of each prompt become one item of the campaign, for labelers to rank."""
+    import os
+
+    from feedback_service.client import FeedbackClient
+    from reward.feedback import _campaign_id
+
+    src = cfg.online.scorer.feedback
+    token = src.token.get_secret_value() if src.token is not None else os.environ.get(src.token_env)
+    if not token:
+        raise ConfigError(f"online.scorer.feedback: no token (set online.scorer.feedback.token or ${src.token_env})")
+    o = cfg.online
+    items = []
+    for msgs, samples in zip(prompts, completions):
+        texts = list(dict.fromkeys(s.text for s in samples if s.text.strip()))  # labelers rank distinct answers
+        if len(texts) < 2:
+            continue
+        item = {"prompt": msgs[0]["content"]} if len(msgs) == 1 else {"messages": msgs}
+        item["answers"] = [{"text": t, "model_id": cfg.model.path, "model_version": cfg.run_name,
+                            "sampling": {"temperature": o.temperature, "top_p": o.top_p}} for t in texts]
+        items.append(item)
+    with FeedbackClient(src.url, token) as fc:
+        out = fc.add_items(_campaign_id(fc, src.campaign), items)
+    rec = {"campaign": src.campaign, "items": len(items), "created": out["created"], "duplicates": out["duplicates"]}
+    (run / "feedback_items.json").write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def online_dpo(cfg: DPOConfig, run: Path) -> None:
+    o = cfg.online
+    prompts = read_prompts(o.prompts)
+    human = o.scorer.kind == "feedback"
+    scorer = None if human else make_scorer(o.scorer)
+    learner = DPOLearner(cfg, total_steps=o.rounds * o.steps_per_round)
+    from alignloop.rollout import SamplingSettings, make_engine
+
+    engine = make_engine(o.engine, learner.model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                         max_model_len=cfg.data.max_length + o.max_new_tokens, enable_lora=True,
+                         max_lora_rank=cfg.peft.lora_r, chat_template=cfg.model.chat_template)
+    logger = M.MetricsLogger(run)
+    G = cfg.train.global_batch_size
+    step = 0
+    adapter: Path | None = None
+    print(f"[alignloop] online dpo: {o.rounds} rounds x {o.prompts_per_round} prompts x k={o.k}, {o.steps_per_round} "
+          f"steps per round, engine={engine.kind}, scorer={o.scorer.kind}, trainable {learner.trainable:,} params",
+          flush=True)
+    try:
+        for rnd in range(o.rounds):
+            # 1. sample k answers per prompt from the current policy (round 0: the base, no adapter yet)
+            t0 = time.perf_counter()
+            start = rnd * o.prompts_per_round
+            chats = [prompts[(start + i) % len(prompts)] for i in range(o.prompts_per_round)]
+            engine.load_lora(adapter)
+            settings = SamplingSettings(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
+                                        n=o.k, seed=cfg.train.seed + 1000 * rnd)
+            completions = engine.generate_chat(chats, settings)
+            t_rollout = time.perf_counter() - t0
+            if human:  # the human path: hand the answers to labelers and stop
+                rec = push_to_feedback(cfg, run, chats, completions)
+                print(f"[alignloop] pushed {rec['items']} items to campaign {rec['campaign']!r} for ranking; train on "
+                      "their export with `alignloop dpo data.feedback.url=... data.feedback.campaign=...`", flush=True)
+                return
+            # 2. score
+            t0 = time.perf_counter()
+            flat_p = [c[-1]["content"] for c, s in zip(chats, completions) for _ in s]
+            flat_a = [x.text for s in completions for x in s]
+            flat = scorer(flat_p, flat_a)
+            if len(flat) != len(flat_a):
+                raise ConfigError(f"online.scorer returned {len(flat)} scores for {len(flat_a)} answers")
+            scores = [flat[i * o.k:(i + 1) * o.k] for i in range(len(chats))]
+            t_score = time.perf_counter() - t0
+            # 3. best vs worst
+            pairs, tied = best_vs_worst(completions, scores, o.min_score_gap)
+            rec = {M.DPO_ROUND: rnd + 1, M.REWARD_MEAN: sum(flat) / len(flat), M.DPO_PAIRS: len(pairs), M.DPO_TIED: tied,
+                   M.DPO_SCORE_BEST: sum(max(s) for s in scores) / len(scores),
+                   M.DPO_SCORE_WORST: sum(min(s) for s in scores) / len(scores),
+                   M.ROLLOUT_ANSWER_LENGTH: sum(len(x.token_ids) for s in completions for x in s) / len(flat),
+                   M.TIME_ROLLOUT: t_rollout, M.TIME_SCORE: t_score}
+            # 4. train on this round's pairs
+            t0 = time.perf_counter()
+            if not pairs:
+                print(f"[alignloop] round {rnd + 1}: every prompt tied; no update this round", flush=True)
+                step += o.steps_per_round
+                logger.log(step, rec)
+                continue
+            for s in range(o.steps_per_round):
+                idx = global_batch_indices(len(pairs), G, s, cfg.train.seed + rnd)
+                train = learner.step(pairs, idx)
+                step += 1
+                if s + 1 < o.steps_per_round:
+                    logger.log(step, train)
+            rec.update(train)
+            rec[M.TIME_TRAIN] = time.perf_counter() - t0
+            # 5. the new adapter goes to the engine for the next round
+            t0 = time.perf_counter()
+            adapter = run / "rounds" / f"round-{rnd + 1}" / "adapter"
+            learner.save_adapter(adapter)
+            rec[M.TIME_SYNC] = time.perf_counter() - t0
+            logger.log(step, rec)
+            with open(run / "rounds" / f"round-{rnd + 1}" / "samples.jsonl", "w") as fh:
+                for c, s, sc in zip(chats, completions, scores):
+                    fh.write(json.dumps({"prompt": c, "answers": [x.text for x in s], "scores": sc}) + "\n")
+        learner.save_final(run)
+    finally:
+        engine.close()
+        logger.close()
