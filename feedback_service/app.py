@@ -72,7 +72,9 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     def labeler_page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
+        # Same-origin scripts and API calls only; the page renders item text as text, never HTML.
+        csp = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff"})
 
     bulk = settings.max_bulk_bytes
     app.add_middleware(BodyLimit, limit_for=lambda path: bulk if path.endswith("/items/bulk") else settings.max_body_bytes)

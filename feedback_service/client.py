@@ -152,7 +152,8 @@ def write_dataset(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
             **({"messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})} if "messages" in columns else {}),
         }
     )
-    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+    # num_shards=1: an empty export saved with 0 shards could not be loaded back (datasets 5.2)
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path), num_shards=1)
     return Path(path)
 
 

@@ -28,7 +28,6 @@ class Settings(BaseModel):
     data_dir: Path = Field(default_factory=default_data_dir, description="where the default SQLite file lives")
     max_body_bytes: int = Field(default=1 << 20, description="request body limit for JSON endpoints")
     max_bulk_bytes: int = Field(default=32 << 20, description="request body limit for NDJSON bulk item import")
-    max_answers: int = Field(default=16, description="most candidate answers one item may carry (K)")
     default_lease_seconds: int = Field(default=900, description="lease of an assigned item when a campaign sets none")
     admin_token: str | None = Field(default=None, description="bootstrap admin token (ALIGNLOOP_ADMIN_TOKEN)")
     log_requests: bool = Field(default=True, description="one structured JSON log line per request")

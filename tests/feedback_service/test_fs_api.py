@@ -351,6 +351,15 @@ def test_aggregated_incremental_export_takes_items_once_complete(admin, make_lab
     assert admin.export(c["id"], since_last=True).rows == []
 
 
+def test_empty_export_still_writes_loadable_files(admin, tmp_path) -> None:
+    import datasets
+
+    c = admin.create_campaign("c")
+    ex = admin.export(c["id"], jsonl_path=tmp_path / "e.jsonl", dataset_dir=tmp_path / "e")
+    assert ex.rows == [] and ex.watermark == 0 and (tmp_path / "e.jsonl").read_text() == ""
+    assert datasets.load_from_disk(str(tmp_path / "e")).num_rows == 0
+
+
 # ---- quality and metrics -------------------------------------------------------------------
 
 

@@ -26,26 +26,32 @@ def api_schema(app):
     with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
         c = client.post("/api/v1/campaigns", json={"name": "seed", "overlap": 2}).json()
         client.post(f"/api/v1/campaigns/{c['id']}/items", json={"items": [item("p1", gold_best=0), item("p2")]})
-        client.post("/api/v1/labelers", json={"name": "seeded"})
+        labeler_token = client.post("/api/v1/labelers", json={"name": "seeded"}).json()["token"]
+        client.post(f"/api/v1/campaigns/{c['id']}/next", headers={"Authorization": f"Bearer {labeler_token}"})
         a = client.post(f"/api/v1/campaigns/{c['id']}/next").json()
         client.post(f"/api/v1/items/{a['item']['id']}/rankings", json={"ranking": [x["id"] for x in a["item"]["answers"]]})
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema.labeler_token = labeler_token
+    return schema
 
 
 def test_no_server_errors(api_schema) -> None:
-    """Every operation in the schema, positive and negative generated inputs, as admin.
+    """Every operation in the schema, positive and negative generated inputs, as admin and as a
+    labeler (who holds a lease, so labeler-only paths run too).
 
     (Driven with hypothesis directly: schemathesis' pytest fixture loader does not work with
     pytest 9, see schemathesis/pytest/lazy.py `request.node._nodeid`.)
     """
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 20
+    runs = [(op, mode, ADMIN_TOKEN, 8) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+    runs += [(op, GenerationMode.POSITIVE, api_schema.labeler_token, 3) for op in operations]
 
-    for operation, mode in [(op, mode) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]:
+    for operation, mode, token, examples in runs:
+        headers = {"Authorization": f"Bearer {token}"}
 
         @given(case=operation.as_strategy(mode))
-        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+        @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
         def run(case) -> None:  # noqa: ANN001
             case.call_and_validate(headers=headers, checks=[not_a_server_error, response_schema_conformance])
 
