@@ -20,9 +20,9 @@ def _body(argv: list[str]) -> int:
 
     run = rundir.run_dir(cfg.output_dir, cfg.run_name)
     n = None
-    if cfg.online is None and cfg.data.train is not None:
+    if not cfg.online.enabled and cfg.data.train is not None:
         n = len(read_pairs(cfg.data.train, cfg.data.limit))
-    if cfg.online is not None:
+    if cfg.online.enabled:
         if cfg.resume:
             raise ConfigError("resume=true is not supported for online DPO (each round's samples come from the live "
                               "policy); start a new run_name, with model.path set to the last round's merged model")
@@ -31,7 +31,7 @@ def _body(argv: list[str]) -> int:
         check_online(cfg)
     base_path = resolve_model_path(cfg.model.path)
     prepare_run_dir(cfg, run)  # refuses to clobber a finished run, before any export is created
-    if cfg.online is None and cfg.data.feedback is not None:
+    if not cfg.online.enabled and cfg.data.feedback is not None:
         from ppo.dpo_trainer import FEEDBACK_EXPORT
 
         export = run / FEEDBACK_EXPORT
@@ -43,7 +43,7 @@ def _body(argv: list[str]) -> int:
                   f"{rec['rows']} pairs (watermark {rec['watermark']})", flush=True)
         n = len(read_pairs(export, cfg.data.limit))
     t0 = time.time()
-    if cfg.online is not None:
+    if cfg.online.enabled:
         from ppo.dpo_online import online_dpo
 
         print(f"[alignloop] online dpo run directory: {run}", flush=True)

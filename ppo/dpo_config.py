@@ -50,16 +50,10 @@ class RuleScorer(Section):
     reward_model: str | None = Field(None, description="reward_model: the reward stage's final/ directory")
     feedback: FeedbackSource | None = Field(None, description="feedback: the campaign that receives the answers")
 
-    @model_validator(mode="after")
-    def _one(self):
-        need = {"rule": "function", "reward_model": "reward_model", "feedback": "feedback"}[self.kind]
-        if getattr(self, need) is None:
-            raise ValueError(f"online.scorer.kind={self.kind} needs online.scorer.{need}")
-        return self
-
 
 class OnlineConfig(Section):
-    prompts: str = Field(..., description="prompts to sample from: rows with 'prompt' (string or messages), same file formats")
+    enabled: bool = Field(False, description="online (iterative) DPO: sample, score, pair, train, repeat (instead of data.train)")
+    prompts: str | None = Field(None, description="prompts to sample from: rows with 'prompt' (string or messages), same file formats")
     rounds: int = Field(2, gt=0, description="sample -> score -> train rounds")
     prompts_per_round: int = Field(16, gt=0, description="prompts sampled each round (cycling through the file)")
     k: int = Field(4, ge=2, description="answers sampled per prompt; the best and the worst by score form the pair")
@@ -68,7 +62,15 @@ class OnlineConfig(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     engine: Literal["vllm", "hf", "auto"] = Field("vllm", description="rollout engine (vLLM, or transformers generate)")
-    scorer: RuleScorer = Field(..., description="what orders the k answers")
+    scorer: RuleScorer = Field(RuleScorer(), description="what orders the k answers")
+    @model_validator(mode="before")
+    @classmethod
+    def _section_means_on(cls, data):
+        # "alignloop dpo with an online section": writing any online key (without an explicit enabled) turns it on.
+        if isinstance(data, dict) and data and "enabled" not in data:
+            return {**data, "enabled": True}
+        return data
+
     min_score_gap: float = Field(0.0, ge=0, description="skip a prompt whose best and worst scores differ by no more than this (ties teach nothing)")
 
 
@@ -81,7 +83,7 @@ class DPOConfig(Section):
     data: DPODataConfig = DPODataConfig()
     loss: DPOLossConfig = DPOLossConfig()
     reference: ReferenceConfig = ReferenceConfig()
-    online: OnlineConfig | None = Field(None, description="online (iterative) DPO; unset: offline DPO on data.train")
+    online: OnlineConfig = OnlineConfig()
     optim: OptimConfig = OptimConfig(lr=5e-5)  # LoRA-scale default; full fine-tuning usually wants 5e-7..5e-6
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -99,13 +101,19 @@ class DPOConfig(Section):
             raise ValueError("train.strategy=single runs one process; set ray.num_workers=1 or strategy=deepspeed/fsdp")
         if self.peft.method == "qlora" and self.train.resolved_strategy(world) == "deepspeed" and self.deepspeed.zero_stage == 3:
             raise ValueError("peft.method=qlora cannot be sharded with ZeRO-3 here; use deepspeed.zero_stage=2 or train.strategy=single")
-        if self.online is None and self.data.train is None and self.data.feedback is None:
+        if not self.online.enabled and self.data.train is None and self.data.feedback is None:
             raise ValueError("offline DPO needs data.train (a file) or data.feedback (a feedback service); "
-                             "or set the online section")
+                             "or set online.enabled=true")
         if self.reference.precompute is False and self.peft.method not in ADAPTER_METHODS:
             raise ValueError(f"peft.method={self.peft.method} has no adapter to disable, so the reference needs its log-probs "
                              "precomputed before training: set reference.precompute=true (or leave it unset)")
-        if self.online is not None:
+        if self.online.enabled:
+            if self.online.prompts is None:
+                raise ValueError("online.enabled=true needs online.prompts (a file of prompts)")
+            sc = self.online.scorer
+            need = {"rule": "function", "reward_model": "reward_model", "feedback": "feedback"}[sc.kind]
+            if getattr(sc, need) is None:
+                raise ValueError(f"online.scorer.kind={sc.kind} needs online.scorer.{need}")
             if self.peft.method not in ("lora", "qlora"):
                 raise ValueError("online DPO needs peft.method=lora or qlora: the reference is the base with the adapter "
                                  "disabled, and the adapter is what the rollout engine loads each round")

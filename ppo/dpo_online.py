@@ -135,8 +135,11 @@ def online_dpo(cfg: DPOConfig, run: Path) -> None:
     learner = DPOLearner(cfg, total_steps=o.rounds * o.steps_per_round)
     from alignloop.rollout import SamplingSettings, make_engine
 
+    from transformers import AutoConfig
+
+    max_pos = getattr(AutoConfig.from_pretrained(learner.model_path), "max_position_embeddings", None) or 1 << 30
     engine = make_engine(o.engine, learner.model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
-                         max_model_len=cfg.data.max_length + o.max_new_tokens, enable_lora=True,
+                         max_model_len=min(cfg.data.max_length + o.max_new_tokens, max_pos), enable_lora=True,
                          max_lora_rank=cfg.peft.lora_r, chat_template=cfg.model.chat_template)
     logger = M.MetricsLogger(run)
     G = cfg.train.global_batch_size
