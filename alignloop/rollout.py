@@ -220,6 +220,13 @@ class VLLMEngine(RolloutEngine):
                       enable_lora=enable_lora, gpu_memory_utilization=gpu_memory_utilization)
         if enable_lora:
             kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vLLM 0.32 CPU: when a step's prompts exceed the token budget, chunked prefill splits one and rewinds
+            # that request's seeded generator (Generator.set_offset), which CPU generators refuse ("CPU Generator
+            # does not use offset"). Whole-prompt prefill never rewinds; the budget must then hold one prompt.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
         self.enable_lora = enable_lora

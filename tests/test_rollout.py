@@ -137,6 +137,14 @@ def test_vllm_samples_have_independent_streams(vllm_engine):
     assert len({tuple(c.token_ids) for r in res for c in r}) == 6
 
 
+def test_vllm_seeded_sampling_over_the_token_budget(vllm_engine):
+    # 24 prompts x 200 tokens = 4800 > vLLM's 4096-token step budget: with chunked prefill, vLLM 0.32 on CPU
+    # crashed here rewinding a seeded generator. Whole-prompt prefill must sample every prompt.
+    prompts = [[5 + (i * 7 + j) % 300 for j in range(200)] for i in range(24)]
+    res = vllm_engine.generate(prompts, SamplingSettings(max_new_tokens=4, temperature=1.0, seed=1))
+    assert [len(r[0].token_ids) for r in res] == [4] * 24
+
+
 def test_vllm_seeded_sampling_is_reproducible(vllm_engine):
     s = SamplingSettings(max_new_tokens=8, temperature=1.0, n=2, seed=5)
     assert _tokens(vllm_engine.generate(PROMPTS, s)) == _tokens(vllm_engine.generate(PROMPTS, s))
