@@ -16,6 +16,7 @@ from feedback_service.api.routes import router, system
 from feedback_service.config import Settings
 from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
 from feedback_service.errors import ServiceError
+from feedback_service.writer import Writer
 from feedback_service.observability import BodyLimit, Metrics, RequestObserver, log
 
 STATIC = Path(__file__).parent / "static"
@@ -42,6 +43,7 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     # SQLite: reads that need no write lock (authentication) go through a second, read-only engine.
     app.state.read_engine = make_engine(settings.db_url, read_only=True) if engine.dialect.name == "sqlite" else engine
     app.state.read_sessionmaker = make_sessionmaker(app.state.read_engine)
+    app.state.writer = Writer(factory, group_commit=engine.dialect.name == "sqlite")
 
     app.state.metrics = Metrics()
 

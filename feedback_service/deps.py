@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from feedback_service import service
 from feedback_service.config import Settings
 from feedback_service.models import ApiToken, Labeler
+from feedback_service.writer import Writer
 
 Clock = Callable[[], datetime]
 
@@ -29,14 +30,20 @@ async def get_clock() -> Clock:
 def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request, committed before the response is sent (durable 2xx).
 
-    Hot write routes commit themselves at the end of their work; committing again here is a no-op.
+    The hot write paths go through ``WriterDep`` instead (group commit on SQLite).
     """
     with request.app.state.sessionmaker() as session:
         yield session
         session.commit()
 
 
+async def get_writer(request: Request) -> Writer:
+    """Runs the hot write paths (lease, rank, skip); group commit on SQLite, see ``writer.py``."""
+    return request.app.state.writer
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+WriterDep = Annotated[Writer, Depends(get_writer)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response goes out
 ClockDep = Annotated[Clock, Depends(get_clock)]
 

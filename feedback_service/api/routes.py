@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from feedback_service import __version__, service
 from feedback_service.db import current_revision
-from feedback_service.deps import AdminUser, AuthDep, ClockDep, CurrentUser, SessionDep, SettingsDep
+from feedback_service.deps import AdminUser, AuthDep, ClockDep, CurrentUser, SessionDep, SettingsDep, WriterDep
 from feedback_service.errors import Invalid
 from feedback_service.schemas import (
     AssignmentPublic,
@@ -215,24 +216,30 @@ def get_item(item_id: IdPath, session: SessionDep, user: CurrentUser) -> ItemPub
     responses={204: {"description": "nothing left for this labeler"}},
     tags=["labeling"],
 )
-def next_item(campaign_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUser) -> AssignmentPublic | Response:
+def next_item(campaign_id: IdPath, writer: WriterDep, clock: ClockDep, user: CurrentUser) -> AssignmentPublic | Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
-    found = service.next_assignment(session, service.get_campaign(session, campaign_id), user, clock())
-    session.commit()  # here, in the route's thread: the write lock is held only as long as needed
-    if found is None:
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
-    assignment, item = found
-    return AssignmentPublic(
-        assignment_id=assignment.id,
-        campaign_id=assignment.campaign_id,
-        lease_expires_at=assignment.expires_at,
-        item=ItemPublic.model_validate(item, from_attributes=True),
-    )
+    now = clock()
+
+    def unit(session: Session) -> AssignmentPublic | None:
+        found = service.next_assignment(session, service.get_campaign(session, campaign_id), user, now)
+        if found is None:
+            return None
+        assignment, item = found
+        return AssignmentPublic(
+            assignment_id=assignment.id,
+            campaign_id=assignment.campaign_id,
+            lease_expires_at=assignment.expires_at,
+            item=ItemPublic.model_validate(item, from_attributes=True),
+        )
+
+    out = writer.run(unit)
+    return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else out
 
 
 @router.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"])
-def skip(item_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUser) -> SkipPublic:
-    service.skip_item(session, item_id, user, clock())
+def skip(item_id: IdPath, writer: WriterDep, clock: ClockDep, user: CurrentUser) -> SkipPublic:
+    now = clock()
+    writer.run(lambda session: service.skip_item(session, item_id, user, now))
     return SkipPublic(item_id=item_id, status="skipped")
 
 
@@ -243,15 +250,23 @@ def skip(item_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUse
     responses={200: {"model": RankingPublic, "description": "the same ranking was already stored (idempotent replay)"}},
     tags=["labeling"],
 )
-def submit_ranking(item_id: IdPath, body: RankingCreate, session: SessionDep, clock: ClockDep, user: CurrentUser, request: Request, response: Response) -> RankingPublic:
-    """Store a full order of the item's answers (nested lists are ties). Committed before the 2xx."""
-    ranking, created = service.submit_ranking(session, item_id, user, body, clock())
-    session.commit()  # durable before the 2xx; here, so the write lock is held only as long as needed
+def submit_ranking(
+    item_id: IdPath, body: RankingCreate, writer: WriterDep, clock: ClockDep, user: CurrentUser, request: Request, response: Response
+) -> RankingPublic:
+    """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
+    now = clock()
+
+    def unit(session: Session) -> tuple[RankingPublic, bool]:
+        ranking, created = service.submit_ranking(session, item_id, user, body, now)
+        session.flush()  # ranking.id and defaults are known before we copy them out
+        return RankingPublic.model_validate(ranking, from_attributes=True), created
+
+    ranking, created = writer.run(unit)
     if created:
         request.state.ranking_stored = True
     else:
         response.status_code = status.HTTP_200_OK
-    return RankingPublic.model_validate(ranking, from_attributes=True)
+    return ranking
 
 
 @router.get("/rankings", response_model=list[RankingPublic], tags=["labeling"])

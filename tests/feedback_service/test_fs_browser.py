@@ -43,7 +43,8 @@ def test_labeler_page_end_to_end(browser, admin, live, tmp_path) -> None:
     bob = admin.create_labeler("bob")
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.set_default_timeout(10_000)
+    page.set_default_timeout(30_000)  # generous: CI machines are shared; nothing here waits on a clock
+    expect.set_options(timeout=30_000)
     page.goto(live.url + "/")
 
     # a wrong token is refused with a message
