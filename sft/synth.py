@@ -285,77 +285,95 @@ def _settings(s: SamplingSection, seed: int):
                             n=1, seed=seed)
 
 
+def make_prompts(engine, rng: random.Random, seeds: list[Task], generated: list[Task], cfg: SynthConfig,
+                 rejects: Counter) -> tuple[list[list[Task]], list[list[int]]]:
+    """Step 1: ``prompts_per_round`` new-task prompts (their examples and token ids), each fitted to the context."""
+    examples, ids = [], []
+    for _ in range(cfg.prompts_per_round):
+        fitted = fit_prompt(engine, sample_examples(rng, seeds, generated, cfg.examples),
+                            cfg.max_model_len - cfg.instruction.max_new_tokens)
+        if fitted is None:
+            rejects["prompt_too_long"] += 1
+        else:
+            examples.append(fitted[0])
+            ids.append(fitted[1])
+    return examples, ids
+
+
+def filter_tasks(texts: list[str], examples: list[list[Task]], dedup: Deduper, f: FilterConfig,
+                 rejects: Counter) -> list[Task]:
+    """Steps 2-3: parse each generated task, drop the bad ones; survivors join the dedup pool at once."""
+    kept = []
+    for text, ex in zip(texts, examples):
+        task = parse_task(text)
+        reason = check_instruction(task, ex, f) or ("duplicate" if dedup.too_similar(task.text) else None)
+        if reason:
+            rejects[reason] += 1
+        else:
+            dedup.add(task.text)
+            kept.append(task)
+    return kept
+
+
+def answer_tasks(engine, tasks: list[Task], cfg: SynthConfig, seed: int, rejects: Counter) -> list[tuple[Task, str]]:
+    """Steps 4-5: answer each task as an ordinary user turn, drop the bad answers."""
+    budget = cfg.max_model_len - cfg.answer.max_new_tokens
+    fitting, ids = [], []
+    for t in tasks:
+        p = engine.apply_chat_template([{"role": "user", "content": _user_turn(t)}])
+        if len(p) > budget:
+            rejects["prompt_too_long"] += 1
+        else:
+            fitting.append(t)
+            ids.append(p)
+    outs = engine.generate(ids, _settings(cfg.answer, seed)) if ids else []
+    kept = []
+    for t, samples in zip(fitting, outs):
+        c = samples[0]
+        reason = check_answer(t, c.text, c.finish_reason, cfg.filters)
+        if reason:
+            rejects[reason] += 1
+        else:
+            kept.append((t, c.text.strip()))
+    return kept
+
+
 def synthesize(cfg: SynthConfig, engine, seeds: list[Task], out_path: Path, log=print) -> dict:
-    """Run the rounds with ``engine``; append records to ``out_path``; return a summary."""
+    """Run the rounds with ``engine``, writing records to ``out_path``; return a summary."""
     from alignloop.data import to_messages
 
     rng = random.Random(cfg.seed)  # in-context example choice
     seed_rng = random.Random(cfg.seed + 1)  # a fresh base seed per generate call: streams never overlap by offset
-    dedup = Deduper(cfg.filters.dedup_threshold)
+    dedup = Deduper(cfg.filters.dedup_threshold)  # the pool: seeds, then every task that passes the filters
     for t in seeds:
         dedup.add(t.text)
     generated: list[Task] = []
     rejected: Counter = Counter()
-    written = rounds_done = 0
+    rounds_done = 0
     with open(out_path, "w", encoding="utf-8") as fh:
-        for rnd in range(1, cfg.rounds + 1):
-            if written >= cfg.num_instructions:
-                break
-            rounds_done = rnd
-            round_rejects: Counter = Counter()
-            prompt_examples, prompt_ids = [], []
-            for _ in range(cfg.prompts_per_round):
-                fitted = fit_prompt(engine, sample_examples(rng, seeds, generated, cfg.examples),
-                                    cfg.max_model_len - cfg.instruction.max_new_tokens)
-                if fitted is None:
-                    round_rejects["prompt_too_long"] += 1
-                    continue
-                prompt_examples.append(fitted[0])
-                prompt_ids.append(fitted[1])
+        while len(generated) < cfg.num_instructions and rounds_done < cfg.rounds:
+            rounds_done += 1
+            rejects: Counter = Counter()
+            examples, prompt_ids = make_prompts(engine, rng, seeds, generated, cfg, rejects)  # 1. prompts
             outs = engine.generate(prompt_ids, _settings(cfg.instruction, seed_rng.randrange(2**31))) if prompt_ids else []
-            candidates: list[Task] = []
-            for ex, samples in zip(prompt_examples, outs):
-                task = parse_task(samples[0].text)
-                reason = check_instruction(task, ex, cfg.filters)
-                if reason is None and dedup.too_similar(task.text):
-                    reason = "duplicate"
-                if reason is None and any(rouge_l(rouge_tokens(task.text), rouge_tokens(c.text)) > cfg.filters.dedup_threshold for c in candidates):
-                    reason = "duplicate"
-                if reason:
-                    round_rejects[reason] += 1
-                else:
-                    candidates.append(task)
-            answer_budget = cfg.max_model_len - cfg.answer.max_new_tokens
-            answer_ids = [engine.apply_chat_template([{"role": "user", "content": _user_turn(t)}]) for t in candidates]
-            for t, ids in list(zip(candidates, answer_ids)):
-                if len(ids) > answer_budget:
-                    round_rejects["prompt_too_long"] += 1
-            candidates = [t for t, ids in zip(candidates, answer_ids) if len(ids) <= answer_budget]
-            answer_ids = [ids for ids in answer_ids if len(ids) <= answer_budget]
-            answers = engine.generate(answer_ids, _settings(cfg.answer, seed_rng.randrange(2**31))) if answer_ids else []
-            kept = 0
-            for task, samples in zip(candidates, answers):
-                c = samples[0]
-                reason = check_answer(task, c.text, c.finish_reason, cfg.filters)
-                if reason is None and written >= cfg.num_instructions:
-                    reason = "over_target"
-                if reason:
-                    round_rejects[reason] += 1
-                    continue
-                record = {"instruction": task.instruction, "input": task.input, "output": c.text.strip(),
-                          "source": "synth", "model": cfg.model.path}
-                to_messages(record, f"{out_path}:{written + 1}", "instruction")  # what `alignloop sft` will check
+            tasks = filter_tasks([o[0].text for o in outs], examples, dedup, cfg.filters, rejects)  # 2-3. tasks
+            answered = answer_tasks(engine, tasks, cfg, seed_rng.randrange(2**31), rejects)  # 4-5. answers
+            room = cfg.num_instructions - len(generated)
+            if len(answered) > room:
+                rejects["over_target"] += len(answered) - room
+                answered = answered[:room]
+            for task, output in answered:  # 6. write
+                record = {"instruction": task.instruction, "input": task.input, "output": output, "source": "synth",
+                          "model": cfg.model.path}
+                to_messages(record, f"{out_path}:{len(generated) + 1}", "instruction")  # what `alignloop sft` checks
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                fh.flush()
-                dedup.add(task.text)
                 generated.append(task)
-                written += 1
-                kept += 1
-            rejected.update(round_rejects)
-            reasons = ", ".join(f"{k}={v}" for k, v in round_rejects.most_common()) or "none"
-            log(f"[synth] round {rnd}: kept {kept}, rejected {sum(round_rejects.values())} ({reasons}); "
-                f"total {written}/{cfg.num_instructions}", flush=True)
-    return {"output": str(out_path), "records": written, "target": cfg.num_instructions, "rounds": rounds_done,
+            fh.flush()
+            rejected.update(rejects)
+            reasons = ", ".join(f"{k}={v}" for k, v in rejects.most_common()) or "none"
+            log(f"[synth] round {rounds_done}: kept {len(answered)}, rejected {sum(rejects.values())} ({reasons}); "
+                f"total {len(generated)}/{cfg.num_instructions}", flush=True)
+    return {"output": str(out_path), "records": len(generated), "target": cfg.num_instructions, "rounds": rounds_done,
             "rejected": dict(rejected.most_common())}
 
 

@@ -212,3 +212,22 @@ def test_fit_prompt_drops_examples_until_it_fits(tiny_model):
     assert fit_prompt(eng, seeds, lengths[2] - 1)[0] == seeds[:2]
     assert fit_prompt(eng, seeds, lengths[0])[0] == seeds[:1]
     assert fit_prompt(eng, seeds, lengths[0] - 1) is None
+
+
+def test_filter_tasks_dedups_within_a_round_and_counts_reasons():
+    from collections import Counter
+
+    from sft.synth import filter_tasks
+
+    d = Deduper(0.7)
+    d.add("Give three tips for sleeping well.")
+    rejects: Counter = Counter()
+    texts = ["Instruction: Name three rivers in Africa.",
+             "Instruction: Name three big rivers in Africa.",  # 12/13 with the first: duplicate in the same round
+             "Instruction: Give three tips for sleeping well.",  # the pool's seed
+             "Instruction: Describe this picture of a cat.",
+             "Instruction: Explain why the sky looks blue.\nInput: for a child"]
+    kept = filter_tasks(texts, [EXAMPLES] * len(texts), d, F, rejects)
+    assert kept == [Task("Name three rivers in Africa."), Task("Explain why the sky looks blue.", "for a child")]
+    assert rejects == Counter(duplicate=2, banned_keyword=1)
+    assert len(d.pool) == 3  # the seed and both kept tasks
