@@ -173,6 +173,11 @@ def disable_dropout(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # Attention modules copy the config's rate at construction (Llama: self.attention_dropout) and apply it
+        # functionally inside the attention kernel, so zeroing the config alone leaves it on.
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(m, attr, None), float) and not isinstance(m, torch.nn.Dropout):
+                setattr(m, attr, 0.0)
     cfg = getattr(model, "config", None)
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if cfg is not None and isinstance(getattr(cfg, key, None), float):

@@ -94,10 +94,20 @@ class AlgoConfig(Section):
     kl: KLConfig = KLConfig()
 
 
+class ActorOptimConfig(OptimConfig):
+    lr: float = Field(1e-5, gt=0, description="peak learning rate of the policy")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up")
+
+
+class CriticOptimConfig(OptimConfig):
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the critic")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up")
+
+
 class CriticConfig(Section):
     init_from: str | None = Field(None, description="critic weights: a reward model directory (its backbone and head); default: the policy backbone with a fresh head")
     warmup_steps: int = Field(0, ge=0, description="first iterations in which only the critic trains")
-    optim: OptimConfig = OptimConfig(lr=1e-4)
+    optim: CriticOptimConfig = CriticOptimConfig()
 
 
 class PPORayConfig(Section):
@@ -130,7 +140,7 @@ class PPOConfig(Section):
     reward: RewardSectionConfig
     algo: AlgoConfig = AlgoConfig()
     critic: CriticConfig = CriticConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-5, scheduler="constant")
+    optim: ActorOptimConfig = ActorOptimConfig()
     train: PPOTrainConfig = PPOTrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     ray: PPORayConfig = PPORayConfig()

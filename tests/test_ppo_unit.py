@@ -1,0 +1,391 @@
+"""PPO stage pieces on hand-made tensors and a tiny random Llama, in one process (no Ray, no vLLM).
+
+Every PPO implementation detail that is a config option is exercised here: the option
+must change what it claims to change (and nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignloop.config import ConfigError, load_config
+from ppo import losses as L
+from ppo.config import PPOConfig
+from ppo.experience import build_experience, cut_after_eos
+from ppo.rewards import CombinedReward, RuleScorer, build_reward, char_fraction, import_callable
+from ppo.trainer import compute_advantages, make_kl_controller, read_prompts, tokenize_prompts
+
+RULE = "reward.rules=[{fn: 'ppo.rewards:char_fraction', kwargs: {chars: 'e'}}]"
+
+
+def cfg_of(*overrides, prompts="p.jsonl", model="m"):
+    return load_config(PPOConfig, None, [f"model.path={model}", f"data.prompts={prompts}", RULE, *overrides])
+
+
+# ------------------------------------------------------------------ config
+def test_config_defaults_and_derived_sizes():
+    c = cfg_of("rollout.prompts_per_step=8", "rollout.n_samples=2", "algo.num_mini_batches=2", "train.micro_batch_size=4")
+    assert c.rollout_batch == 16 and c.mini_batch == 8 and c.grad_accum(1) == 2
+    assert c.uses_critic and c.uses_reference and c.resolved_strategy() == "single"
+    assert c.algo.kl.estimator == "k1" and c.algo.kl.in_reward and c.algo.gamma == 1.0 and c.algo.lam == 0.95
+    assert c.algo.value_clip == 0.2 and c.algo.dual_clip is None and c.algo.whiten_advantages
+    assert not cfg_of("algo.advantage=grpo", "rollout.n_samples=4").uses_critic
+    assert not cfg_of("algo.kl.coef=0").uses_reference
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["algo.advantage=grpo"], "n_samples must be >= 2"),
+    (["rollout.prompts_per_step=6", "train.micro_batch_size=4"], "must split into"),
+    (["peft.method=qlora"], "supports full and lora"),
+    (["ray.actor_workers=2"], "need ray.use_ray=true"),
+    (["algo.kl.estimator=k4"], "algo.kl.estimator"),
+    (["algo.dual_clip=0.5"], "algo.dual_clip"),
+    (["algo.gama=0.9"], "algo.gama"),
+    (["reward.normalize=stored"], "set reward.model"),
+])
+def test_config_rejects(overrides, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        cfg_of(*overrides)
+
+
+def test_config_needs_some_reward():
+    with pytest.raises(ConfigError, match="at least one of reward.rules"):
+        load_config(PPOConfig, None, ["data.prompts=p.jsonl", "reward.rules=[]"])
+
+
+# ------------------------------------------------------------------ prompts
+def test_read_prompts_formats_and_errors(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}\n')
+    rows = read_prompts(str(p))
+    assert [r["text"] for r in rows] == ["hi", "q"] and rows[1]["messages"][0]["role"] == "system"
+    p.write_text('{"prompt": "hi"}\n{"question": "x"}\n')
+    with pytest.raises(Exception, match=r"p.jsonl:2: needs a non-empty 'prompt'"):
+        read_prompts(str(p))
+    p.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(Exception, match="end with a user turn"):
+        read_prompts(str(p))
+    p.write_text("{not json\n")
+    with pytest.raises(Exception, match="p.jsonl:1: not valid JSON"):
+        read_prompts(str(p))
+
+
+def test_prompt_ids_match_the_rollout_engine_convention(tiny_model):
+    from alignloop.models import load_tokenizer
+    from alignloop.rollout import HFEngine
+
+    tok = load_tokenizer(str(tiny_model))
+    rows = [{"messages": [{"role": "user", "content": "hello there"}], "text": "hello there"}]
+    eng = HFEngine.__new__(HFEngine)
+    eng.tokenizer = tok
+    assert tokenize_prompts(rows, tok, True, 1000) == [eng.apply_chat_template(rows[0]["messages"])]
+    assert tokenize_prompts(rows, tok, False, 1000) == eng.encode(["hello there"])
+    assert tokenize_prompts(rows, tok, True, 3)[0] == eng.apply_chat_template(rows[0]["messages"])[-3:]
+
+
+# ------------------------------------------------------------------ rewards
+def test_rules_import_weights_and_kwargs():
+    assert char_fraction("", "eeab") == 0.5 and char_fraction("", "") == 0.0
+    with pytest.raises(ConfigError, match="cannot import"):
+        import_callable("ppo.rewards:nope")
+    with pytest.raises(ConfigError, match="module:function"):
+        import_callable("ppo.rewards.char_fraction")
+    r = CombinedReward([(RuleScorer(char_fraction, {"chars": "a"}), 2.0), (RuleScorer(char_fraction), -1.0)])
+    assert r.raw(["p", "p"], ["aaee", "a"]) == [pytest.approx(2 * 0.5 - 0.5), pytest.approx(2.0)]
+
+
+class _LearnedStub:
+    """A duck-typed learned scorer (the reward stage's RewardScorer has this one method)."""
+
+    def score(self, prompts, answers):
+        return [float(len(a)) for a in answers]
+
+
+def test_duck_typed_scorer_eos_penalty_normalisation_and_clip():
+    r = CombinedReward([(_LearnedStub(), 1.0)], mean=2.0, std=4.0, normalize=True, clip=1.0, no_eos_penalty=-6.0)
+    raw = r.raw(["p"] * 3, ["abcdef", "", "a" * 30])
+    assert raw == [6.0, 0.0, 30.0]
+    # no EOS -> the penalty replaces the score, then normalisation, then clipping
+    assert r.shape(raw, [True, True, False]) == [pytest.approx(1.0), pytest.approx(-0.5), pytest.approx(-1.0)]
+    assert CombinedReward([(_LearnedStub(), 1.0)]).shape(raw, [True, False, True]) == raw  # defaults: untouched
+
+
+def test_stored_statistics_come_from_the_reward_model_directory(tmp_path):
+    from ppo.config import RewardSectionConfig
+    from ppo.rewards import load_reward_stats
+
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"mean": 1.5, "std": 0.5}))
+    assert load_reward_stats(str(tmp_path)) == (1.5, 0.5)
+    with pytest.raises(ConfigError, match="reward_stats.json not found"):
+        load_reward_stats(str(tmp_path / "nope"))
+    cfg = RewardSectionConfig(rules=[{"fn": "ppo.rewards:char_fraction"}], normalize="fixed", mean=1.0, std=2.0, clip=0.1)
+    r = build_reward(cfg)
+    assert r.shape([5.0, -5.0, 1.1], [True] * 3) == [pytest.approx(0.1), pytest.approx(-0.1), pytest.approx(0.05)]
+
+
+# --------------------------------------------------------------- experience
+def test_experience_cuts_after_eos_and_aligns_answers():
+    assert cut_after_eos([5, 9, 2, 7], {2}) == ([5, 9, 2], True)
+    assert cut_after_eos([5, 9], {2}) == ([5, 9], False)
+    exp = build_experience([[11, 12], [13]], [[5, 2, 7, 7], [6, 6, 6]], [[-1, -2, -3, -4], [-5, -6, -7]], {2}, pad_id=0)
+    assert exp.prompt_ids.tolist() == [[11, 12], [0, 13]] and exp.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert exp.response_ids.tolist() == [[5, 2, 0], [6, 6, 6]]  # cut after EOS (inclusive); A = longest kept answer
+    assert exp.mask.tolist() == [[1, 1, 0], [1, 1, 1]] and exp.has_eos.tolist() == [True, False]
+    assert exp.rollout_logprobs.tolist() == [[-1, -2, 0], [-5, -6, -7]]
+    inp = exp.model_inputs()
+    assert inp["position_ids"].tolist() == [[0, 1, 2, 3, 3], [0, 0, 1, 2, 3]]  # pads repeat a position; masked anyway
+    assert exp.answer_slice == slice(1, 4)
+    sub = exp.select([1])
+    assert sub.response_ids.tolist() == [[6, 6, 6]] and sub.old_logprobs is None
+
+
+# --------------------------------------------------------------- advantages
+def _exp_for_advantages(B=4, A=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [5, 3, 4, 1][:B]
+    exp = build_experience([[1]] * B, [[3] * n for n in lens], [[0.0] * n for n in lens], set(), 0)
+    exp.old_logprobs = -torch.rand(B, A, generator=g) * exp.mask
+    exp.ref_logprobs = -torch.rand(B, A, generator=g) * exp.mask
+    exp.values = torch.randn(B, A, generator=g) * exp.mask
+    exp.scores = torch.tensor([1.0, -0.5, 2.0, 0.3])[:B]
+    return exp
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimator_and_kl_in_reward(estimator):
+    exp = _exp_for_advantages()
+    cfg = cfg_of(f"algo.kl.estimator={estimator}", "algo.whiten_advantages=false", "algo.lam=0.9", "algo.gamma=0.99")
+    adv, ret, kl = compute_advantages(cfg, exp, kl_coef=0.3)
+    want_kl = L.kl_penalty(exp.old_logprobs, exp.ref_logprobs, estimator) * exp.mask
+    torch.testing.assert_close(kl, want_kl)
+    rewards = L.shaped_rewards(exp.scores, want_kl, exp.mask, 0.3)
+    want_adv, want_ret = L.gae(rewards, exp.values, exp.mask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_ret)
+    # KL in the loss instead: the reward carries the score alone
+    cfg_loss = cfg_of(f"algo.kl.estimator={estimator}", "algo.whiten_advantages=false", "algo.lam=0.9",
+                      "algo.gamma=0.99", "algo.kl.in_reward=false")
+    adv2, _, kl2 = compute_advantages(cfg_loss, exp, kl_coef=0.3)
+    torch.testing.assert_close(adv2, L.gae(L.shaped_rewards(exp.scores, want_kl, exp.mask, 0.0), exp.values,
+                                           exp.mask, gamma=0.99, lam=0.9)[0])
+    torch.testing.assert_close(kl2, want_kl)  # still measured and logged
+    assert not torch.allclose(adv, adv2)
+
+
+def test_reward_sits_at_the_last_real_token_and_gae_options():
+    exp = _exp_for_advantages()
+    exp.values = torch.zeros_like(exp.mask)
+    cfg = cfg_of("algo.whiten_advantages=false", "algo.lam=1.0", "algo.kl.coef=0")
+    exp.ref_logprobs = None
+    adv, ret, kl = compute_advantages(cfg, exp, kl_coef=0.0)
+    # γ = λ = 1, V = 0, no KL: every real token's return is the sequence score
+    torch.testing.assert_close(ret, exp.scores[:, None] * exp.mask)
+    assert float(kl.abs().sum()) == 0
+    cfg_g = cfg_of("algo.whiten_advantages=false", "algo.lam=1.0", "algo.gamma=0.5", "algo.kl.coef=0")
+    _, ret_g, _ = compute_advantages(cfg_g, exp, kl_coef=0.0)
+    assert float(ret_g[0, 4]) == pytest.approx(1.0) and float(ret_g[0, 3]) == pytest.approx(0.5)  # γ discounts back
+
+
+def test_whitening_is_over_the_whole_batch():
+    exp = _exp_for_advantages()
+    adv, _, _ = compute_advantages(cfg_of(), exp, kl_coef=0.1)
+    m = exp.mask
+    assert float(L.masked_mean(adv, m)) == pytest.approx(0.0, abs=1e-6)
+    var = float(L.masked_sum((adv - L.masked_mean(adv, m)) ** 2, m) / (m.sum() - 1))
+    assert var == pytest.approx(1.0, rel=1e-4)
+    raw, _, _ = compute_advantages(cfg_of("algo.whiten_advantages=false"), exp, kl_coef=0.1)
+    torch.testing.assert_close(adv, L.masked_whiten(raw, m))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_estimators(kind):
+    exp = _exp_for_advantages()
+    exp.values = None
+    cfg = cfg_of(f"algo.advantage={kind}", "rollout.n_samples=2", "rollout.prompts_per_step=2")
+    adv, ret, kl = compute_advantages(cfg, exp, kl_coef=0.2)
+    seq = exp.scores - 0.2 * kl.sum(-1)
+    if kind == "grpo":
+        want = L.grpo_advantages(seq, 2, exp.mask)
+    elif kind == "rloo":
+        want = L.rloo_advantages(seq, 2, exp.mask)
+    else:
+        want = L.reinforce_pp_advantages(L.shaped_rewards(exp.scores, kl, exp.mask, 0.2), exp.mask)
+    torch.testing.assert_close(adv, want)
+
+
+def test_kl_controllers_fixed_and_adaptive():
+    fixed = make_kl_controller(cfg_of("algo.kl.coef=0.1"))
+    fixed.update(100.0, 8)
+    assert fixed.value == 0.1
+    ada = make_kl_controller(cfg_of("algo.kl.coef=0.1", "algo.kl.adaptive=true", "algo.kl.target=1", "algo.kl.horizon=100"))
+    ada.update(10.0, 10)  # KL far above target: β grows by the clipped error 0.2 x 10/100
+    assert ada.value == pytest.approx(0.1 * 1.02)
+    st = ada.state_dict()
+    again = make_kl_controller(cfg_of("algo.kl.coef=0.5", "algo.kl.adaptive=true"))
+    again.load_state_dict(st)
+    assert again.value == pytest.approx(0.102) and again.target == 1.0
+
+
+# ------------------------------------------------------- trainers on a model
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory):
+    """A tiny Llama whose config asks for dropout: PPO must run it with dropout off."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignloop.testing import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path_factory.mktemp("drop") / "model")
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.attention_dropout = 0.5
+    model = AutoModelForCausalLM.from_pretrained(path, config=cfg)
+    model.save_pretrained(path)
+    return path
+
+
+def _random_experience(B=4, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lp, la = [3, 5, 2, 4, 3, 2, 5, 4][:B], [4, 2, 5, 3, 1, 5, 2, 4][:B]
+    exp = build_experience([torch.randint(5, vocab, (n,), generator=g).tolist() for n in lp],
+                           [torch.randint(5, vocab, (n,), generator=g).tolist() for n in la],
+                           [[0.0] * n for n in la], set(), 0)
+    exp.advantages = torch.randn(exp.mask.shape, generator=g) * exp.mask
+    return exp
+
+
+def test_layout_logprobs_equal_unpadded_forward_and_dropout_is_off(dropout_model):
+    from transformers import AutoModelForCausalLM
+
+    from ppo.actor import PolicyTrainer
+
+    cfg = cfg_of(f"model.path={dropout_model}", "peft.method=full", "train.micro_batch_size=2",
+                 "rollout.prompts_per_step=4")
+    pt = PolicyTrainer(cfg, str(dropout_model))
+    assert pt.model.training
+    exp = _random_experience()
+    a, b = pt.logprobs(exp), pt.logprobs(exp)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # train mode, yet deterministic: dropout is off
+    ref = AutoModelForCausalLM.from_pretrained(dropout_model).eval()
+    for i in range(len(exp)):
+        p = exp.prompt_ids[i][exp.prompt_mask[i].bool()]
+        r = exp.response_ids[i][exp.mask[i].bool()]
+        full = torch.cat([p, r])[None]
+        with torch.no_grad():
+            logits = ref(full).logits[0, len(p) - 1:-1]
+        want = torch.log_softmax(logits, -1).gather(-1, r[:, None]).squeeze(-1)
+        torch.testing.assert_close(a[i, : len(r)], want, rtol=1e-4, atol=1e-5)
+    assert float(a[exp.mask == 0].abs().sum()) == 0
+
+
+def _policy(tiny_model, *overrides):
+    from ppo.actor import PolicyTrainer
+
+    cfg = cfg_of(f"model.path={tiny_model}", "rollout.prompts_per_step=4", "train.micro_batch_size=4",
+                 "optim.lr=1e-3", *overrides)
+    return PolicyTrainer(cfg, str(tiny_model))
+
+
+def test_token_level_loss_is_invariant_to_the_micro_batch_split(tiny_model):
+    exp = _random_experience()
+    results = []
+    for mb in (4, 1):
+        pt = _policy(tiny_model, "peft.method=full", f"train.micro_batch_size={mb}", "optim.max_grad_norm=0")
+        exp.old_logprobs = pt.logprobs(exp)
+        exp.ref_logprobs = exp.old_logprobs - 0.1 * exp.mask
+        base = pt.parameters_digest()
+        sums = pt.train_mini_batch(exp, float(exp.mask.sum()), 0.1)
+        results.append((sums, base, pt.parameters_digest()))
+    (s4, base, w4), (s1, _, w1) = results
+    for k in ("loss/policy", "ppo/entropy", "tokens"):
+        assert s1[k] == pytest.approx(s4[k], rel=1e-5), k
+    for k in w4:
+        d4, d1 = w4[k] - base[k], w1[k] - base[k]
+        assert float((d1 - d4).norm() / d4.norm()) < 2e-3, k  # the same update (Adam, up to float order)
+
+
+def test_lora_reference_is_the_adapter_disabled_base(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    pt = _policy(tiny_model, "peft.method=lora", "peft.lora_r=8", "optim.lr=5e-2")
+    assert pt.ref is None  # no second copy of the weights
+    exp = _random_experience()
+    exp.old_logprobs = pt.logprobs(exp)
+    ref0 = pt.logprobs(exp, reference=True)
+    torch.testing.assert_close(exp.old_logprobs, ref0)  # fresh LoRA (B = 0) is the base
+    for _ in range(2):
+        pt.train_mini_batch(exp, float(exp.mask.sum()), 0.0)
+    assert not torch.allclose(pt.logprobs(exp), ref0, atol=1e-4)  # the policy moved
+    torch.testing.assert_close(pt.logprobs(exp, reference=True), ref0)  # the reference did not
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        logits = base(**exp.model_inputs()).logits[:, exp.answer_slice]
+    torch.testing.assert_close(ref0, L.logprobs_from_logits(logits, exp.response_ids) * exp.mask, rtol=1e-4, atol=1e-5)
+
+
+def test_full_finetune_reference_is_a_frozen_copy(tiny_model):
+    pt = _policy(tiny_model, "peft.method=full")
+    assert pt.ref is not None and not any(p.requires_grad for p in pt.ref.parameters())
+    exp = _random_experience()
+    exp.old_logprobs = pt.logprobs(exp)
+    ref0 = pt.logprobs(exp, reference=True)
+    pt.train_mini_batch(exp, float(exp.mask.sum()), 0.0)
+    torch.testing.assert_close(pt.logprobs(exp, reference=True), ref0)
+    assert _policy(tiny_model, "peft.method=full", "algo.kl.coef=0").ref is None  # β = 0: no reference at all
+
+
+@pytest.mark.parametrize("option,metric,sign,log_ratio", [
+    ("algo.dual_clip=1.5", "loss/policy", -1, 1.0), ("algo.is_correction=true", "loss/policy", -1, 1.0),
+    ("algo.clip_eps_high=0.5", "ppo/clipfrac", 1, 0.3), ("algo.clip_eps=0.4", "ppo/clipfrac", 1, 0.3),
+    ("algo.kl.in_reward=false", "ppo/kl_loss", -1, 1.0)])
+def test_policy_loss_options_take_effect(tiny_model, option, metric, sign, log_ratio):
+    exp = _random_experience()
+    exp.advantages = sign * (exp.advantages.abs() + 1.0) * exp.mask  # negative: dual clip can bind
+    out = []
+    for extra in ([], [option]):
+        pt = _policy(tiny_model, "peft.method=full", *extra)
+        lp = pt.logprobs(exp)
+        exp.old_logprobs = lp - log_ratio * exp.mask  # ratio e^0.3 ≈ 1.35 or e ≈ 2.7, above 1 + ε everywhere
+        exp.rollout_logprobs = lp - 2.0 * exp.mask  # engine far from trainer: IS weights hit the cap
+        exp.ref_logprobs = lp - 0.5 * exp.mask
+        out.append(pt.train_mini_batch(exp, float(exp.mask.sum()), 0.2))
+    assert out[0][metric] != pytest.approx(out[1][metric], rel=1e-3), option
+
+
+def _critic(tiny_model, *overrides):
+    from ppo.actor import CriticTrainer
+
+    cfg = cfg_of(f"model.path={tiny_model}", "rollout.prompts_per_step=4", "train.micro_batch_size=2",
+                 "peft.method=full", *overrides)
+    return CriticTrainer(cfg, str(tiny_model))
+
+
+def test_value_clipping_option(tiny_model):
+    exp = _random_experience()
+    out = []
+    for clip in ("null", "0.01"):
+        cr = _critic(tiny_model, f"algo.value_clip={clip}", "critic.optim.lr=1e-2")
+        exp.values = cr.values(exp)
+        exp.returns = (exp.values + 3.0) * exp.mask  # far outside the clip range
+        cr.train_mini_batch(exp, float(exp.mask.sum()))  # V moves away from V_old; clipping binds from now on
+        out.append(cr.train_mini_batch(exp, float(exp.mask.sum())))
+    assert out[0]["ppo/value_clipfrac"] == 0 and out[1]["ppo/value_clipfrac"] > 0
+    assert out[0]["loss/value"] != pytest.approx(out[1]["loss/value"])
+
+
+def test_critic_starts_from_the_reward_model_or_the_policy_backbone(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    with torch.no_grad():
+        rm.score.weight.fill_(0.01)
+        rm.model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    rm.save_pretrained(tmp_path / "rm")
+    from_rm = _critic(tiny_model, f"critic.init_from={tmp_path / 'rm'}").strategy.unwrap().seq
+    torch.testing.assert_close(from_rm.score.weight, rm.score.weight)
+    torch.testing.assert_close(from_rm.model.layers[0].mlp.up_proj.weight, rm.model.layers[0].mlp.up_proj.weight)
+    from_policy = _critic(tiny_model).strategy.unwrap().seq
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.testing.assert_close(from_policy.model.layers[0].mlp.up_proj.weight, lm.model.layers[0].mlp.up_proj.weight)
+    assert not torch.allclose(from_policy.score.weight, rm.score.weight)
