@@ -111,18 +111,27 @@ def push_to_feedback(cfg: DPOConfig, run: Path, prompts: list[list[dict]], compl
     if not token:
         raise ConfigError(f"online.scorer.feedback: no token (set online.scorer.feedback.token or ${src.token_env})")
     o = cfg.online
-    items = []
+    items, unpushable = [], 0
     for msgs, samples in zip(prompts, completions):
-        texts = list(dict.fromkeys(s.text for s in samples if s.text.strip()))  # labelers rank distinct answers
+        # Labelers rank distinct, non-empty answers; the service refuses NUL characters (counted, not pushed).
+        texts = list(dict.fromkeys(s.text for s in samples if s.text.strip()))
+        unpushable += sum("\x00" in t for t in texts)
+        texts = [t for t in texts if "\x00" not in t]
         if len(texts) < 2:
             continue
         item = {"prompt": msgs[0]["content"]} if len(msgs) == 1 else {"messages": msgs}
         item["answers"] = [{"text": t, "model_id": cfg.model.path, "model_version": cfg.run_name,
                             "sampling": {"temperature": o.temperature, "top_p": o.top_p}} for t in texts]
         items.append(item)
-    with FeedbackClient(src.url, token) as fc:
-        out = fc.add_items(_campaign_id(fc, src.campaign), items)
-    rec = {"campaign": src.campaign, "items": len(items), "created": out["created"], "duplicates": out["duplicates"]}
+    from feedback_service.client import FeedbackError
+
+    try:
+        with FeedbackClient(src.url, token) as fc:
+            out = fc.add_items(_campaign_id(fc, src.campaign), items)
+    except FeedbackError as e:
+        raise ConfigError(f"online.scorer.feedback: the service at {src.url} refused the items: {e}") from None
+    rec = {"campaign": src.campaign, "items": len(items), "created": out["created"], "duplicates": out["duplicates"],
+           "prompts": len(prompts), "answers_with_nul_not_pushed": unpushable}
     (run / "feedback_items.json").write_text(json.dumps(rec, indent=1) + "\n")
     return rec
 

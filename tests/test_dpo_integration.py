@@ -133,7 +133,9 @@ def test_precomputed_reference_matches_adapter_disabled_and_resume_matches(tiny_
     b = load_file(tmp_path / "pre/final/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)  # reference scored in 8- vs 4-pair batches
+        # The two references agree to float rounding (scored in differently packed batches); Adam turns that into
+        # visible differences only on parameters whose gradient is ~0, hence the absolute tolerance.
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=5e-4)
     la = {x["step"]: x["loss/dpo"] for x in metrics(tmp_path / "live") if "loss/dpo" in x}
     lb = {x["step"]: x["loss/dpo"] for x in metrics(tmp_path / "pre") if "loss/dpo" in x}
     assert sorted(la) == [1, 2, 3, 4] and sorted(lb) == [1, 2, 3, 4]
