@@ -42,7 +42,14 @@ async def get_writer(request: Request) -> Writer:
     return request.app.state.writer
 
 
+def get_read_session(request: Request) -> Iterator[Session]:
+    """A read-only transaction for GET routes: on SQLite it reads a WAL snapshot without the write lock."""
+    with request.app.state.read_sessionmaker() as session:
+        yield session
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 WriterDep = Annotated[Writer, Depends(get_writer)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # commit before the response goes out
 ClockDep = Annotated[Clock, Depends(get_clock)]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from feedback_service import __version__, service
 from feedback_service.db import current_revision
-from feedback_service.deps import AdminUser, AuthDep, ClockDep, CurrentUser, SessionDep, SettingsDep, WriterDep
+from feedback_service.deps import AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep, WriterDep
 from feedback_service.errors import Invalid
 from feedback_service.schemas import (
     AssignmentPublic,
@@ -79,7 +79,7 @@ def health(request: Request) -> Health:
 
 
 @system.get("/metrics", response_class=PlainTextResponse, tags=["system"])
-def metrics(request: Request, session: SessionDep, clock: ClockDep, _: AdminUser) -> Response:
+def metrics(request: Request, session: ReadSessionDep, clock: ClockDep, _: AdminUser) -> Response:
     """Prometheus text format (admin token; point the scraper's bearer token at it)."""
     request.app.state.metrics.queue.set(service.total_queue_depth(session, clock()))
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -102,7 +102,7 @@ def create_labeler(body: LabelerCreate, session: SessionDep, clock: ClockDep, _:
 
 
 @router.get("/labelers", response_model=list[LabelerPublic], tags=["labelers"])
-def list_labelers(session: SessionDep, _: AdminUser) -> list[LabelerPublic]:
+def list_labelers(session: ReadSessionDep, _: AdminUser) -> list[LabelerPublic]:
     return [LabelerPublic.model_validate(x, from_attributes=True) for x in service.list_labelers(session)]
 
 
@@ -114,7 +114,7 @@ def issue_token(labeler_id: IdPath, session: SessionDep, clock: ClockDep, _: Adm
 
 
 @router.get("/labelers/{labeler_id}/tokens", response_model=list[TokenPublic], tags=["labelers"])
-def list_tokens(labeler_id: IdPath, session: SessionDep, _: AdminUser) -> list[TokenPublic]:
+def list_tokens(labeler_id: IdPath, session: ReadSessionDep, _: AdminUser) -> list[TokenPublic]:
     return [TokenPublic.model_validate(t, from_attributes=True) for t in service.list_tokens(session, labeler_id)]
 
 
@@ -140,12 +140,12 @@ def create_campaign(body: CampaignCreate, session: SessionDep, clock: ClockDep, 
 
 
 @router.get("/campaigns", response_model=list[CampaignPublic], tags=["campaigns"])
-def list_campaigns(session: SessionDep, _: CurrentUser) -> list[CampaignPublic]:
+def list_campaigns(session: ReadSessionDep, _: CurrentUser) -> list[CampaignPublic]:
     return [CampaignPublic.model_validate(c, from_attributes=True) for c in service.list_campaigns(session)]
 
 
 @router.get("/campaigns/{campaign_id}", response_model=CampaignPublic, tags=["campaigns"])
-def get_campaign(campaign_id: IdPath, session: SessionDep, _: CurrentUser) -> CampaignPublic:
+def get_campaign(campaign_id: IdPath, session: ReadSessionDep, _: CurrentUser) -> CampaignPublic:
     return CampaignPublic.model_validate(service.get_campaign(session, campaign_id), from_attributes=True)
 
 
@@ -196,13 +196,13 @@ def add_items_bulk(
 
 
 @router.get("/campaigns/{campaign_id}/items", response_model=list[ItemAdminPublic], tags=["items"])
-def list_items(campaign_id: IdPath, session: SessionDep, _: AdminUser, offset: Offset = 0, limit: Limit = 100) -> list[ItemAdminPublic]:
+def list_items(campaign_id: IdPath, session: ReadSessionDep, _: AdminUser, offset: Offset = 0, limit: Limit = 100) -> list[ItemAdminPublic]:
     campaign = service.get_campaign(session, campaign_id)
     return [ItemAdminPublic.model_validate(i, from_attributes=True) for i in service.list_items(session, campaign, offset, limit)]
 
 
 @router.get("/items/{item_id}", response_model=ItemAdminPublic | ItemPublic, tags=["items"])
-def get_item(item_id: IdPath, session: SessionDep, user: CurrentUser) -> ItemPublic:
+def get_item(item_id: IdPath, session: ReadSessionDep, user: CurrentUser) -> ItemPublic:
     """Admins see any item (with gold and metadata); labelers only items assigned to them."""
     return _item_public(service.get_item_for(session, item_id, user), user)
 
@@ -271,7 +271,7 @@ def submit_ranking(
 
 @router.get("/rankings", response_model=list[RankingPublic], tags=["labeling"])
 def list_rankings(
-    session: SessionDep,
+    session: ReadSessionDep,
     user: CurrentUser,
     campaign_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
     labeler_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None,
@@ -284,12 +284,12 @@ def list_rankings(
 
 
 @router.get("/rankings/{ranking_id}", response_model=RankingPublic, tags=["labeling"])
-def get_ranking(ranking_id: IdPath, session: SessionDep, user: CurrentUser) -> RankingPublic:
+def get_ranking(ranking_id: IdPath, session: ReadSessionDep, user: CurrentUser) -> RankingPublic:
     return RankingPublic.model_validate(service.get_ranking_for(session, ranking_id, user), from_attributes=True)
 
 
 @router.get("/campaigns/{campaign_id}/progress", response_model=Progress, tags=["labeling"])
-def progress(campaign_id: IdPath, session: SessionDep, user: CurrentUser) -> Progress:
+def progress(campaign_id: IdPath, session: ReadSessionDep, user: CurrentUser) -> Progress:
     return service.progress(session, service.get_campaign(session, campaign_id), user)
 
 
@@ -297,12 +297,12 @@ def progress(campaign_id: IdPath, session: SessionDep, user: CurrentUser) -> Pro
 
 
 @router.get("/campaigns/{campaign_id}/stats", response_model=CampaignStats, tags=["quality"])
-def stats(campaign_id: IdPath, session: SessionDep, clock: ClockDep, _: AdminUser) -> CampaignStats:
+def stats(campaign_id: IdPath, session: ReadSessionDep, clock: ClockDep, _: AdminUser) -> CampaignStats:
     return service.stats(session, service.get_campaign(session, campaign_id), clock())
 
 
 @router.get("/campaigns/{campaign_id}/quality", response_model=CampaignQuality, tags=["quality"])
-def quality(campaign_id: IdPath, session: SessionDep, _: AdminUser) -> CampaignQuality:
+def quality(campaign_id: IdPath, session: ReadSessionDep, _: AdminUser) -> CampaignQuality:
     """Krippendorff's alpha for the campaign; agreement with the majority and gold accuracy per labeler."""
     return service.campaign_quality(session, service.get_campaign(session, campaign_id))
 
@@ -316,12 +316,12 @@ def create_export(campaign_id: IdPath, body: ExportCreate, session: SessionDep, 
 
 
 @router.get("/exports", response_model=list[ExportPublic], tags=["export"])
-def list_exports(session: SessionDep, _: AdminUser, campaign_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None) -> list[ExportPublic]:
+def list_exports(session: ReadSessionDep, _: AdminUser, campaign_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None) -> list[ExportPublic]:
     return [_export_public(session, e) for e in service.list_exports(session, campaign_id)]
 
 
 @router.get("/exports/{export_id}", response_model=ExportPublic, tags=["export"])
-def get_export(export_id: IdPath, session: SessionDep, _: AdminUser) -> ExportPublic:
+def get_export(export_id: IdPath, session: ReadSessionDep, _: AdminUser) -> ExportPublic:
     return _export_public(session, service.get_export(session, export_id))
 
 
@@ -331,7 +331,7 @@ def get_export(export_id: IdPath, session: SessionDep, _: AdminUser) -> ExportPu
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "description": "PreferencePair JSON lines"}},
 )
-def export_rows(export_id: IdPath, session: SessionDep, _: AdminUser) -> Response:
+def export_rows(export_id: IdPath, session: ReadSessionDep, _: AdminUser) -> Response:
     """The export's rows as JSONL (one PreferencePair per line), always the same bytes for a version."""
     service.get_export(session, export_id)
     rows = service.export_rows(session, export_id)
