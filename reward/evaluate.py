@@ -111,9 +111,9 @@ def plot_calibration(summary: dict, path: Path, title: str = "reward model calib
     return path
 
 
-def write_stats(final: Path, summary: dict, source: str) -> Path:
-    """``final/reward_stats.json``: the mean and std PPO uses to normalise rewards."""
-    stats = {"mean": summary["reward_mean"], "std": summary["reward_std"], "n": summary["n_rewards"],
+def write_stats(final: Path, summary: dict, source: str, max_length: int) -> Path:
+    """``final/reward_stats.json``: the mean and std PPO uses to normalise rewards (and the training max_length)."""
+    stats = {"max_length": max_length, "mean": summary["reward_mean"], "std": summary["reward_std"], "n": summary["n_rewards"],
              "source": source, "eval_accuracy": summary[M.EVAL_ACCURACY]}
     path = final / "reward_stats.json"
     path.write_text(json.dumps(stats, indent=1) + "\n")

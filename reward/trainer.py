@@ -281,4 +281,4 @@ def save_final(strategy, cfg: RewardConfig, run: Path, tok, summary: dict, sourc
     target = final if cfg.peft.method in ("full", "freeze") else final / "adapter"
     seq.save_pretrained(target, state_dict=sd, safe_serialization=True)
     tok.save_pretrained(target)
-    E.write_stats(final, summary, source)
+    E.write_stats(final, summary, source, cfg.data.max_length)
