@@ -331,9 +331,13 @@ def get_export(export_id: IdPath, session: ReadSessionDep, _: AdminUser) -> Expo
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}}, "description": "PreferencePair JSON lines"}},
 )
-def export_rows(export_id: IdPath, session: ReadSessionDep, _: AdminUser) -> Response:
+def export_rows(export_id: IdPath, session: ReadSessionDep, _: AdminUser) -> StreamingResponse:
     """The export's rows as JSONL (one PreferencePair per line), always the same bytes for a version."""
-    service.get_export(session, export_id)
-    rows = service.export_rows(session, export_id)
-    body = "".join(json.dumps(PreferencePair.model_validate(r).model_dump(exclude_none=True), ensure_ascii=False) + "\n" for r in rows)
-    return Response(body, media_type="application/x-ndjson")
+    export = service.get_export(session, export_id)
+
+    def lines():  # noqa: ANN202  streamed page by page; the read session stays open until the end
+        for offset in range(0, export.row_count, 1000):
+            rows = service.export_rows(session, export_id, offset, 1000)
+            yield "".join(json.dumps(PreferencePair.model_validate(r).model_dump(exclude_none=True), ensure_ascii=False) + "\n" for r in rows)
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")

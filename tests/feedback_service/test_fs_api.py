@@ -443,3 +443,13 @@ def test_concurrent_creates_with_one_name_never_500(admin, live) -> None:
         t.join(30)
     assert sorted(statuses) == [201] + [409] * 5
     assert [lab["name"] for lab in admin.list_labelers()].count("same") == 1
+
+
+def test_large_export_streams_every_row_in_order(admin, make_labeler) -> None:
+    c = admin.create_campaign("big")
+    admin.add_items(c["id"], [item(f"p{k}", n=16) for k in range(9)])  # 9 x C(16, 2) = 1,080 pairs
+    rank_all(make_labeler("bob"), c["id"])
+    ex = admin.export(c["id"], aggregation="none")
+    assert ex.info["row_count"] == len(ex.rows) == 9 * 120
+    assert [r["item_id"] for r in ex.rows] == sorted(r["item_id"] for r in ex.rows)
+    assert len({(r["item_id"], r["chosen"], r["rejected"]) for r in ex.rows}) == 1080
