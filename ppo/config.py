@@ -124,6 +124,7 @@ class PPOTrainConfig(Section):
     micro_batch_size: int = Field(4, gt=0, description="sequences per forward/backward per worker")
     max_steps: int = Field(20, gt=0, description="PPO iterations (rollout + update)")
     seed: int = Field(42, description="seed for prompt order, sampling and init")
+    threads: int | None = Field(None, gt=0, description="torch threads in the driver process (None: torch's default; 1 on a shared, busy CPU)")
     log_every: int = Field(1, gt=0, description="log metrics every N iterations")
     save_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept")

@@ -372,7 +372,8 @@ def run_ppo(cfg: PPOConfig, run: Path, engine=None) -> list[dict]:
     tok = load_tokenizer(model_path, cfg.model.chat_template)
     prompts = read_prompts(cfg.data.prompts, cfg.data.limit)
     reward = build_reward(cfg.reward)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     seed_all(cfg.train.seed)
     if cfg.ray.use_ray:
         from ppo.ray_actors import RayRoles
