@@ -238,6 +238,8 @@ async function submit() {
     await nextItem();
   } catch (e) {
     showError(e);
+    // 409: the lease expired and the item went to someone else (or it was ranked elsewhere): move on.
+    if (e.status === 409) await nextItem().catch(showError);
   } finally {
     state.busy = false;
     renderRanking();
