@@ -111,3 +111,39 @@ def test_labeler_page_end_to_end(browser, admin, live, tmp_path) -> None:
     page.reload()
     expect(page.locator("#signin-panel")).to_be_visible()
     expect(page.locator("#error")).to_contain_text("invalid or revoked token")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_labeler_page_moves_on_when_the_lease_was_lost(browser, admin, live, app) -> None:
+    from datetime import datetime, timedelta
+
+    from playwright.sync_api import expect
+
+    from feedback_service.client import FeedbackClient
+    from feedback_service.deps import get_clock
+
+    now = [datetime(2026, 1, 1, 12, 0, 0)]
+    app.dependency_overrides[get_clock] = lambda: (lambda: now[0])
+    c = admin.create_campaign("lease", overlap=1, lease_seconds=60)
+    admin.add_items(c["id"], [item("only prompt", n=2)])
+    ann, ben = admin.create_labeler("ann"), admin.create_labeler("ben")
+
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    expect.set_options(timeout=30_000)
+    page.goto(live.url + "/")
+    page.fill("#token", ann["token"])
+    page.click("#signin")
+    expect(page.locator("#prompt")).to_have_text("only prompt")
+
+    now[0] += timedelta(seconds=61)  # ann's lease expires; ben takes and ranks the item
+    with FeedbackClient(live.url, ben["token"]) as b:
+        a = b.next_item(c["id"])
+        b.submit_ranking(a["item"]["id"], [x["id"] for x in a["item"]["answers"]])
+
+    page.locator(".answer").nth(0).click()
+    page.locator(".answer").nth(1).click()
+    page.click("#submit")
+    expect(page.locator("#error")).to_contain_text("expired")
+    expect(page.locator("#done")).to_be_visible()
+    assert [r["labeler_id"] for r in admin.list_rankings(campaign_id=c["id"])] == [ben["labeler"]["id"]]
