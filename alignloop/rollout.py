@@ -116,7 +116,7 @@ def _generation_config(path: str):
 
 
 def finish(tokenizer, prompt_ids: list[int], ids: Sequence[int], logprobs: Sequence[float], eos_ids: Sequence[int],
-           stop: Sequence[str], max_new_tokens: int) -> Completion:
+           stop: Sequence[str]) -> Completion:
     """Apply the shared cut rules (EOS inclusive, then stop strings) to raw engine output."""
     ids, logprobs = list(ids), list(logprobs)
     reason: Literal["stop", "length"] = "length"
@@ -139,8 +139,6 @@ def finish(tokenizer, prompt_ids: list[int], ids: Sequence[int], logprobs: Seque
                 else:
                     lo = mid + 1
             ids, logprobs, text, reason = ids[:lo], logprobs[:lo], text[:pos], "stop"
-    if reason == "length" and len(ids) < max_new_tokens:
-        reason = "stop"  # the engine stopped early for a reason it knows (e.g. a stop string at the very end)
     return Completion(list(prompt_ids), ids, text, logprobs, reason)
 
 
@@ -257,8 +255,7 @@ class VLLMEngine(RolloutEngine):
             samples = []
             for o in sorted(out.outputs, key=lambda o: o.index):
                 lps = [d[t].logprob for t, d in zip(o.token_ids, o.logprobs)]
-                samples.append(finish(self.tokenizer, p, o.token_ids, lps, self.eos_ids, settings.stop,
-                                      settings.max_new_tokens))
+                samples.append(finish(self.tokenizer, p, o.token_ids, lps, self.eos_ids, settings.stop))
             result.append(samples)
         return result
 
@@ -371,7 +368,7 @@ class HFEngine(RolloutEngine):
                 for j in range(settings.n):
                     row = i * settings.n + j
                     samples.append(finish(self.tokenizer, p, new[row].tolist(), lps[row].tolist(), self.eos_ids,
-                                          settings.stop, settings.max_new_tokens))
+                                          settings.stop))
                 result.append(samples)
         return result
 

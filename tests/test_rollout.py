@@ -63,19 +63,19 @@ class _CharTok:
 
 
 def test_finish_cuts_after_eos_inclusive():
-    c = finish(_CharTok(), [5], [1, 2, 0, 3], [-0.1, -0.2, -0.3, -0.4], [0], (), 4)
+    c = finish(_CharTok(), [5], [1, 2, 0, 3], [-0.1, -0.2, -0.3, -0.4], [0], ())
     assert (c.token_ids, c.text, c.logprobs, c.finish_reason) == ([1, 2, 0], "ab", [-0.1, -0.2, -0.3], "stop")
 
 
 def test_finish_cuts_stop_string_text_before_ids_after():
     # "abcde": the stop string "cd" ends at token 4 ('d'); text ends before it.
-    c = finish(_CharTok(), [5], [1, 2, 3, 4, 5], [-1.0] * 5, [0], ("cd", "e"), 5)
+    c = finish(_CharTok(), [5], [1, 2, 3, 4, 5], [-1.0] * 5, [0], ("cd", "e"))
     assert (c.token_ids, c.text, c.finish_reason) == ([1, 2, 3, 4], "ab", "stop")
     assert len(c.logprobs) == 4
 
 
 def test_finish_length_when_no_stop():
-    c = finish(_CharTok(), [5], [1, 2, 3], [-1.0] * 3, [0], ("zz",), 3)
+    c = finish(_CharTok(), [5], [1, 2, 3], [-1.0] * 3, [0], ("zz",))
     assert (c.token_ids, c.text, c.finish_reason) == ([1, 2, 3], "abc", "length")
 
 
@@ -218,3 +218,11 @@ def test_hf_update_weights_rejects_unknown_names(tiny_model):
 def test_make_engine_rejects_unknown_kind(tiny_model):
     with pytest.raises(ValueError, match="unknown kind"):
         make_engine("tgi", tiny_model)
+
+
+def test_vllm_context_limit_is_length_not_stop(vllm_engine):
+    # 250 prompt tokens in a 256-token context: vLLM stops before max_new_tokens, and that is a "length" finish.
+    prompt = [5 + j % 300 for j in range(250)]
+    c = vllm_engine.generate([prompt], SamplingSettings(max_new_tokens=12, temperature=0.0))[0][0]
+    assert len(c.token_ids) <= 6
+    assert c.finish_reason == ("stop" if c.token_ids[-1] in vllm_engine.eos_ids else "length")
