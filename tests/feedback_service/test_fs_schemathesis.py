@@ -44,7 +44,7 @@ def test_no_server_errors(api_schema) -> None:
     """
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 20
-    runs = [(op, mode, ADMIN_TOKEN, 8) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+    runs = [(op, mode, ADMIN_TOKEN, 6) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
     runs += [(op, GenerationMode.POSITIVE, api_schema.labeler_token, 3) for op in operations]
 
     for operation, mode, token, examples in runs:
