@@ -389,3 +389,41 @@ def test_critic_starts_from_the_reward_model_or_the_policy_backbone(tiny_model, 
     lm = AutoModelForCausalLM.from_pretrained(tiny_model)
     torch.testing.assert_close(from_policy.model.layers[0].mlp.up_proj.weight, lm.model.layers[0].mlp.up_proj.weight)
     assert not torch.allclose(from_policy.score.weight, rm.score.weight)
+
+
+# ------------------------------------------------------------ the loop itself
+def _loop(tiny_model, tmp_path, *overrides):
+    from alignloop.models import load_tokenizer
+    from ppo.rewards import build_reward
+    from ppo.trainer import LocalRoles, PPOLoop
+
+    torch.set_num_threads(1)
+    cfg = cfg_of(f"model.path={tiny_model}", f"output_dir={tmp_path}", "data.prompts=ppo/data/prompts.jsonl",
+                 "rollout.engine=hf", "rollout.max_new_tokens=6", "rollout.prompts_per_step=4", "peft.method=full",
+                 "optim.lr=1e-3", "critic.optim.lr=1e-3", *overrides)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    roles = LocalRoles(cfg, str(tiny_model), run)
+    return PPOLoop(cfg, roles, load_tokenizer(str(tiny_model)), run, build_reward(cfg.reward),
+                   read_prompts(cfg.data.prompts), str(tiny_model)), roles
+
+
+def test_critic_warmup_trains_only_the_critic(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    loop, roles = _loop(tiny_model, tmp_path, "critic.warmup_steps=1", "reward.no_eos_penalty=-3.0")
+    a0, c0 = roles.actor.parameters_digest(), roles.critic.parameters_digest()
+    rec = loop.iteration(0)
+    a1, c1 = roles.actor.parameters_digest(), roles.critic.parameters_digest()
+    assert all(torch.equal(a0[k], a1[k]) for k in a0)  # warm-up: the policy is untouched
+    assert any(not torch.equal(c0[k], c1[k]) for k in c0)  # ... and the critic learns
+    assert "loss/policy" not in rec and rec["loss/value"] > 0
+    # answers cut at max_new_tokens carry the no-EOS penalty as their score
+    assert rec["rollout/no_eos_frac"] > 0 and rec["reward/shaped_mean"] < 0
+    rec = loop.iteration(1)
+    a2 = roles.actor.parameters_digest()
+    assert "loss/policy" in rec and any(not torch.equal(a1[k], a2[k]) for k in a1)
+    for name in ("ppo/kl", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance",
+                 "rollout/answer_length", "rollout/logprob_diff", "perf/rollout_tokens_per_s",
+                 "perf/train_tokens_per_s", "time/rollout_s", "time/score_s", "time/train_s", "time/sync_s"):
+        assert name in rec, name
+    assert rec["rollout/logprob_diff"] < 1e-4  # the transformers engine samples from the trainer's policy
