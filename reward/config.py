@@ -51,6 +51,7 @@ class LossConfig(Section):
 
 class EvalConfig(Section):
     calibration_bins: int = Field(10, gt=1, description="bins of the calibration plot and ECE")
+    stats_max_examples: int = Field(256, gt=0, description="without an eval set: training examples scored for the saved reward mean/std")
 
 
 class RewardConfig(Section):

@@ -253,7 +253,7 @@ def train_worker(config: dict) -> None:
 
     # 7. held-out evaluation; reward mean/std for PPO normalisation (eval rewards, else a train sample)
     t_eval = time.perf_counter()
-    stats_ex, source = (eval_ex, "eval") if eval_ex else (train_ex[:256], "train")
+    stats_ex, source = (eval_ex, "eval") if eval_ex else (train_ex[: cfg.eval.stats_max_examples], "train")
     summary = E.summarize(score_examples(model, stats_ex, pad_id, mb, packing), cfg.eval.calibration_bins)
     if rank0:
         if eval_ex:
