@@ -24,15 +24,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    def __init__(self, db_url: str, data_dir: Path, log_path: Path) -> None:
-        self.db_url, self.data_dir, self.log_path = db_url, data_dir, log_path
+    def __init__(self, db_url: str, data_dir: Path, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.db_url, self.data_dir, self.log_path, self.extra_args = db_url, data_dir, log_path, extra_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         env = {**os.environ, "ALIGNLOOP_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "feedback_service", "--db", self.db_url, "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "feedback_service", "--db", self.db_url, "--data-dir", str(self.data_dir), "--port", str(self.port), *self.extra_args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=REPO)
         deadline = time.monotonic() + 60
@@ -143,3 +143,38 @@ def test_acknowledged_rankings_survive_sigkill(server, tmp_path) -> None:
     assert any(x["route"] == "/api/v1/items/{item_id}/rankings" and x["status"] in (200, 201) and x["labeler_id"] for x in requests)
     for cl in [admin, *labelers]:
         cl.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL: same row locks as threads
+def test_two_worker_processes_share_one_database(db_url, tmp_path) -> None:
+    """`--workers 2`: migrations and the admin bootstrap run once; both processes serve, and the
+    overlap still holds across processes (SQLite's lock, not the in-process writer queue)."""
+    server = ServerProcess(db_url, tmp_path, tmp_path / "workers.log", ("--workers", "2"))
+    server.start()
+    try:
+        with FeedbackClient(server.url, ADMIN_TOKEN) as admin:
+            c = admin.create_campaign("w", overlap=2)
+            admin.add_items(c["id"], [item(f"p{k}") for k in range(5)])
+            clients = [FeedbackClient(server.url, admin.create_labeler(f"w{k}")["token"]) for k in range(6)]
+            got: list[int] = []
+            lock = threading.Lock()
+
+            def work(cl: FeedbackClient) -> None:
+                while (a := cl.next_item(c["id"])) is not None:
+                    cl.submit_ranking(a["item"]["id"], [x["id"] for x in a["item"]["answers"]])
+                    with lock:
+                        got.append(a["item"]["id"])
+
+            threads = [threading.Thread(target=work, args=(cl,)) for cl in clients]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert sorted(Counter(got).values()) == [2] * 5
+            assert admin.stats(c["id"])["rankings"] == 10
+            for cl in clients:
+                cl.close()
+        log = (tmp_path / "workers.log").read_text()
+        assert log.count("Started server process") == 2, log[-2000:]
+    finally:
+        server.stop()
