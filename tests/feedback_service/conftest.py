@@ -4,7 +4,6 @@ PostgreSQL schema of its own), the app built on it, and a live uvicorn server in
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
