@@ -72,6 +72,9 @@ DPO_PAIRS = "dpo/pairs"  # online: pairs made this round
 DPO_TIED = "dpo/tied_prompts"  # online: prompts skipped because best and worst scored the same
 DPO_SCORE_BEST = "dpo/score_best"  # online: mean score of the chosen (best) answers
 DPO_SCORE_WORST = "dpo/score_worst"
+EVAL_DPO_LOSS = "eval/dpo_loss"  # held-out pairs
+EVAL_DPO_MARGIN = "eval/dpo_margin"
+EVAL_DPO_ACCURACY = "eval/dpo_accuracy"
 
 
 class MetricsLogger:

@@ -22,6 +22,8 @@ def _body(argv: list[str]) -> int:
     n = None
     if not cfg.online.enabled and cfg.data.train is not None:
         n = len(read_pairs(cfg.data.train, cfg.data.limit))
+    if cfg.data.eval:
+        read_pairs(cfg.data.eval, cfg.data.eval_limit)
     if cfg.online.enabled:
         if cfg.resume:
             raise ConfigError("resume=true is not supported for online DPO (each round's samples come from the live "

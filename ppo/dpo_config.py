@@ -17,6 +17,9 @@ class DPODataConfig(Section):
     train: str | None = Field(None, description="preference rows ({prompt, chosen, rejected} strings or messages, "
                                                 "HH-RLHF dialogues): .jsonl/.jsonl.gz/.json/.parquet or a datasets directory")
     feedback: FeedbackSource | None = Field(None, description="train on a live feedback service's export instead of data.train")
+    eval: str | None = Field(None, description="held-out pairs (same formats): loss, implicit-reward margin and accuracy at "
+                                                "train.eval_every and at the end")
+    eval_limit: int | None = Field(None, gt=0, description="evaluate on at most N held-out pairs")
     max_length: int = Field(512, gt=2, description="tokens per prompt+answer (longer prompts lose their oldest tokens, then answers their tail)")
     max_prompt_length: int = Field(256, gt=0, description="prompt tokens kept when a pair must be cut to max_length")
     limit: int | None = Field(None, gt=0, description="use only the first N pairs (smoke runs)")

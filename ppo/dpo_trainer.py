@@ -11,6 +11,7 @@ disabled per batch) -> 6 resume -> 7 steps -> 8 final save.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,6 +33,7 @@ from ppo.dpo_losses import dpo_loss
 
 PACKING_INCOMPATIBLE = ("prompt_tuning", "prefix_tuning")  # virtual tokens are prepended per row
 REFERENCE_CACHE = "reference_logps.pt"
+EVAL_REFERENCE_CACHE = "reference_logps_eval.pt"
 FEEDBACK_EXPORT = "feedback_export.jsonl"
 
 
@@ -162,6 +164,32 @@ class DPOLearner:
                 M.GRAD_NORM: grad_norm, M.TOKENS_PER_S: tokens / dt, M.PAIRS_PER_S: G / dt, M.STEP_TIME: dt,
                 M.TRAIN_TOKENS: tokens}
 
+    @torch.no_grad()
+    def evaluate(self, examples: list[DPOExample], ref: torch.Tensor | None = None) -> dict[str, float]:
+        """Loss, implicit-reward margin and accuracy over held-out pairs (every rank runs every batch: ZeRO-3
+        gathers weights collectively)."""
+        cfg, mb = self.cfg, self.cfg.reference.micro_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = margin = acc = 0.0
+        for i in range(0, len(examples), mb):
+            idx = list(range(i, min(i + mb, len(examples))))
+            batch = self.batch([examples[j] for j in idx])
+            logps, ntok = sequence_logps(self.model, batch)
+            pc, pr = split_pairs(logps.float().cpu())
+            tc, tr = split_pairs(ntok)
+            rc, rr = (ref[idx, 0], ref[idx, 1]) if ref is not None else split_pairs(self.reference_logps(batch))
+            loss, m = dpo_loss(pc, pr, rc, rr, loss_type=cfg.loss.type, beta=cfg.loss.beta,
+                               label_smoothing=cfg.loss.label_smoothing, chosen_tokens=tc, rejected_tokens=tr,
+                               num_pairs=len(examples))
+            loss_sum += float(loss)
+            margin += float(m["margin"]) * len(idx)
+            acc += float(m["accuracy"]) * len(idx)
+        if was_training:
+            self.model.train()
+        n = len(examples)
+        return {M.EVAL_DPO_LOSS: loss_sum, M.EVAL_DPO_MARGIN: margin / n, M.EVAL_DPO_ACCURACY: acc / n}
+
     # ---------------------------------------------------------------- saving
     def save_adapter(self, out: Path) -> None:
         """Adapter (or full weights) in Hugging Face format; a collective under ZeRO-3, written by rank 0."""
@@ -183,11 +211,12 @@ def total_steps(cfg: DPOConfig, n_pairs: int) -> int:
     return max(1, math.floor(cfg.train.epochs * n_pairs / cfg.train.global_batch_size))
 
 
-def load_reference_cache(learner: DPOLearner, run: Path, examples: list[DPOExample]) -> torch.Tensor:
+def load_reference_cache(learner: DPOLearner, run: Path, examples: list[DPOExample],
+                         name: str = REFERENCE_CACHE) -> torch.Tensor:
     """Reference log-probs of every pair, from ``run/reference_logps.pt`` when it matches these pairs and this
     reference model, else computed now (before any update) and written there by rank 0."""
     key = {"pairs": fingerprint(examples), "model": learner.model_path, "peft": learner.cfg.peft.method}
-    path = run / REFERENCE_CACHE
+    path = run / name
     if path.is_file():
         cached = torch.load(path, weights_only=False)
         if cached.get("key") == key:
@@ -219,10 +248,18 @@ def train_worker(config: dict) -> None:
     # 3-4. model, PEFT, strategy
     learner = DPOLearner(cfg, steps_guess)
     examples = tokenize_pairs(prefs, learner.tok, cfg.data.max_length, cfg.data.max_prompt_length)
+    eval_ex = []
+    if cfg.data.eval:
+        eval_ex = tokenize_pairs(read_pairs(cfg.data.eval, cfg.data.eval_limit), learner.tok, cfg.data.max_length,
+                                 cfg.data.max_prompt_length)
     steps, G, rank0 = steps_guess, cfg.train.global_batch_size, learner.rank0
 
     # 5. reference: precomputed once (cached in the run dir), or the adapter disabled on every batch
-    ref = load_reference_cache(learner, run, examples) if cfg.precompute_reference else None
+    ref = eval_ref = None
+    if cfg.precompute_reference:
+        ref = load_reference_cache(learner, run, examples)
+        if eval_ex:
+            eval_ref = load_reference_cache(learner, run, eval_ex, EVAL_REFERENCE_CACHE)
 
     # 6. resume
     start = 0
@@ -247,6 +284,8 @@ def train_worker(config: dict) -> None:
         done = step + 1
         if done % cfg.train.log_every == 0 or done == steps:
             rec[M.EPOCH] = done * G / len(examples)
+            if eval_ex and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+                rec.update(learner.evaluate(eval_ex, eval_ref))
             logger.log(done, rec)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == steps:
             path = rundir.checkpoint_path(run, done)
@@ -257,6 +296,12 @@ def train_worker(config: dict) -> None:
                 rundir.prune(run, cfg.train.keep_checkpoints)
         if os.environ.get("ALIGNLOOP_CRASH_AFTER_STEP") == str(done):  # fault injection for the resume test
             raise SystemExit(f"[alignloop] simulated crash after step {done}")
+
+    if eval_ex:
+        final_eval = learner.evaluate(eval_ex, eval_ref)
+        logger.log(steps, final_eval)
+        if rank0:
+            (run / "eval.json").write_text(json.dumps({**final_eval, "pairs": len(eval_ex)}, indent=1) + "\n")
 
     # 8. final save: full weights gathered on rank 0; adapters saved as adapters
     learner.save_final(run)

@@ -85,7 +85,11 @@ def logp_margin(model_dir, tiny_model, pairs):
 def live(tiny_model, pairs, tmp_path_factory):
     """One LoRA run, reference = the base with the adapter disabled, checkpoints every 3 steps."""
     out = tmp_path_factory.mktemp("live")
-    r = alignloop("dpo", *common(tiny_model, pairs, out), "train.max_steps=6", "train.save_every=3", "run_name=live")
+    held_out = out / "eval.jsonl"  # same task, numbers the training pairs never use
+    held_out.write_text("".join(json.dumps({"prompt": f"Add {a} and 9.", "chosen": f"The answer is {a + 9}. Done.",
+                                            "rejected": f"I do not know, {a} is hard."}) + "\n" for a in (10, 11, 12)))
+    r = alignloop("dpo", *common(tiny_model, pairs, out), "train.max_steps=6", "train.save_every=3", "run_name=live",
+                  f"data.eval={held_out}", "train.eval_every=3")
     return out / "live", r
 
 
@@ -102,6 +106,11 @@ def test_cli_lora_dpo_raises_chosen_over_rejected_margin(tiny_model, pairs, live
     # step 1: the adapter starts at zero, so the policy is the reference: loss = log 2, margin = 0
     assert m[0]["loss/dpo"] == pytest.approx(0.693147, abs=1e-4) and abs(m[0]["dpo/margin"]) < 1e-4
     assert m[-1]["loss/dpo"] < 0.3 and m[-1]["dpo/margin"] > 1.0 and m[-1]["dpo/accuracy"] == 1.0
+    # held-out pairs: evaluated at step 3 and at the end, the margin generalises
+    ev = [x for x in metrics(run) if x.get("eval/dpo_margin") is not None]
+    assert [x["step"] for x in ev] == [3, 6]
+    final = json.loads((run / "eval.json").read_text())
+    assert final["pairs"] == 3 and final["eval/dpo_margin"] > 0.5 and final["eval/dpo_accuracy"] == 1.0
     # the merged model prefers the chosen answers more than the base does (measured here, not by the trainer)
     before, after = logp_margin(tiny_model, tiny_model, pairs), logp_margin(run / "final", tiny_model, pairs)
     assert after > before + 2.0, (before, after)
