@@ -49,7 +49,7 @@ class RewardSectionConfig(Section):
     rules: list[RewardRule] = Field(default_factory=list, description="rule rewards, summed with their weights")
     model: str | None = Field(None, description="learned reward model directory (reward stage final/), added with weight model_weight")
     model_weight: float = Field(1.0, description="weight of the learned reward model's score")
-    url: str | None = Field(None, description="remote HTTP scorer (POST {prompts, answers} -> {scores}), added with weight url_weight")
+    url: str | None = Field(None, description="remote scorer speaking alignloop reward-serve's protocol (POST /score), added with weight url_weight")
     url_weight: float = Field(1.0, description="weight of the remote scorer's score")
     normalize: Literal["none", "stored", "fixed"] = Field("none", description="score normalisation: none; stored: (s - mean)/std with "
                                                           "the reward model's reward_stats.json; fixed: with mean/std below")

@@ -50,19 +50,26 @@ class RuleScorer:
 
 
 class HTTPScorer:
-    """POST {"prompts": [...], "answers": [...]} to ``url``; the reply is {"scores": [...]}."""
+    """A remote scorer speaking ``alignloop reward-serve``'s protocol (raw scores; normalisation happens here).
 
-    def __init__(self, url: str, timeout: float = 60.0):
-        self.url, self.timeout = url, timeout
+    POST {url}/score {"items": [{"prompt": str, "answer": str}, ...], "normalize": false} -> {"scores": [...]}
+    """
+
+    def __init__(self, url: str, timeout: float = 120.0, chunk: int = 256):
+        self.url, self.timeout, self.chunk = url.rstrip("/"), timeout, chunk
 
     def score(self, prompts: list[str], answers: list[str]) -> list[float]:
-        body = json.dumps({"prompts": prompts, "answers": answers}).encode()
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            scores = json.loads(r.read())["scores"]
-        if len(scores) != len(prompts):
-            raise RuntimeError(f"{self.url} returned {len(scores)} scores for {len(prompts)} answers")
-        return [float(s) for s in scores]
+        out: list[float] = []
+        for i in range(0, len(prompts), self.chunk):
+            items = [{"prompt": p, "answer": a} for p, a in zip(prompts[i:i + self.chunk], answers[i:i + self.chunk])]
+            body = json.dumps({"items": items, "normalize": False}).encode()
+            req = urllib.request.Request(self.url + "/score", data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                scores = json.loads(r.read())["scores"]
+            if len(scores) != len(items) or any(s is None for s in scores):
+                raise RuntimeError(f"{self.url}/score returned {scores!r} for {len(items)} answers")
+            out += [float(s) for s in scores]
+        return out
 
 
 class RewardModelScorer:
@@ -160,12 +167,12 @@ def build_reward(cfg) -> CombinedReward:
         try:
             from reward.scorer import RewardScorer  # the reward stage's scorer, when present
 
-            scorer: Scorer = RewardScorer(cfg.model)
+            scorer: Scorer = RewardScorer(cfg.model, normalize=False)  # raw: CombinedReward normalises once
         except ImportError:
             scorer = RewardModelScorer(cfg.model)
         parts.append((scorer, cfg.model_weight))
     if cfg.url is not None:
-        parts.append((HTTPScorer(cfg.url), cfg.url_weight))
+        parts.append((HTTPScorer(cfg.url), cfg.url_weight))  # reward-serve protocol; scores come back raw
     mean, std = 0.0, 1.0
     if cfg.normalize == "stored":
         mean, std = load_reward_stats(cfg.model)

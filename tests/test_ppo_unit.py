@@ -427,3 +427,58 @@ def test_critic_warmup_trains_only_the_critic(tiny_model, tmp_path, monkeypatch)
                  "perf/train_tokens_per_s", "time/rollout_s", "time/score_s", "time/train_s", "time/sync_s"):
         assert name in rec, name
     assert rec["rollout/logprob_diff"] < 1e-4  # the transformers engine samples from the trainer's policy
+
+
+def test_http_scorer_speaks_reward_serve_protocol():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from ppo.rewards import HTTPScorer
+
+    seen = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            out = json.dumps({"scores": [float(len(it["answer"])) for it in body["items"]], "normalized": False}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        sc = HTTPScorer(f"http://127.0.0.1:{srv.server_port}/", chunk=2)
+        assert sc.score(["a", "b", "c"], ["x", "yy", "zzz"]) == [1.0, 2.0, 3.0]
+    finally:
+        srv.shutdown()
+    assert [p for p, _ in seen] == ["/score", "/score"]  # chunked: 2 + 1
+    assert seen[0][1] == {"items": [{"prompt": "a", "answer": "x"}, {"prompt": "b", "answer": "yy"}], "normalize": False}
+
+
+def test_learned_reward_model_plugs_in(tiny_model, tmp_path):
+    """A reward-model directory as reward.model: scored by the reward stage's scorer, raw, plus rules."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignloop.models import load_tokenizer
+    from ppo.config import RewardSectionConfig
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.config.pad_token_id = load_tokenizer(str(tiny_model)).pad_token_id
+    rm.save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(tiny_model)).save_pretrained(tmp_path / "rm")
+    (tmp_path / "rm" / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    cfg = RewardSectionConfig(model=str(tmp_path / "rm"), normalize="stored",
+                              rules=[{"fn": "ppo.rewards:char_fraction", "weight": 10.0}])
+    r = build_reward(cfg)
+    raw = r.raw(["hello", "hello"], ["eeee", "xyz"])
+    learned = r.parts[1][0].score(["hello", "hello"], ["eeee", "xyz"])
+    assert raw == [pytest.approx(learned[0] + 10.0), pytest.approx(learned[1])]
+    assert learned[0] != learned[1]  # the model sees the answer
+    assert r.shape(raw, [True, True]) == [pytest.approx((x - 0.5) / 2.0) for x in raw]
