@@ -28,6 +28,7 @@ class DPOExample:
     rejected_ids: list[int]  # (T_l,)
     rejected_labels: list[int]  # (T_l,)
     where: str  # file:line of the row
+    engine_logps: tuple[float, float] | None = None  # (2,) online: the rollout engine's Σ log π of (w, l) as sampled
 
 
 # ------------------------------------------------------------------ reading

@@ -23,7 +23,7 @@ from alignloop.batching import global_batch_indices
 from alignloop.config import ConfigError
 from alignloop.data import DataError, iter_rows
 from ppo.dpo_config import DPOConfig, RuleScorer
-from ppo.dpo_data import DPOExample
+from ppo.dpo_data import DPOExample, sequence_logps
 from ppo.dpo_trainer import DPOLearner
 
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> scores, one per answer
@@ -95,8 +95,27 @@ def best_vs_worst(completions, scores: list[list[float]], min_gap: float) -> tup
             continue
         p = samples[best].prompt_token_ids
         w, l = samples[best].token_ids, samples[worst].token_ids
-        pairs.append(DPOExample(p + w, [-100] * len(p) + w, p + l, [-100] * len(p) + l, f"round sample {i}"))
+        pairs.append(DPOExample(p + w, [-100] * len(p) + w, p + l, [-100] * len(p) + l, f"round sample {i}",
+                                (samples[best].cumulative_logprob, samples[worst].cumulative_logprob)))
     return pairs, tied
+
+
+@torch.no_grad()
+def logprob_gap(learner: DPOLearner, pairs: list[DPOExample]) -> float:
+    """Σ_seq |Σ_t log π_trainer - Σ_t log π_engine| / answer tokens, on the sampled pairs before training.
+
+    The engine sampled with the adapter the trainer saved last round, so this is ~0 when the weight sync
+    took effect (float32 on CPU: ~1e-6) and large when the engine samples from a stale policy.
+    """
+    gap = tokens = 0.0
+    mb = learner.cfg.reference.micro_batch_size
+    for i in range(0, len(pairs), mb):
+        chunk = pairs[i:i + mb]
+        logps, n = sequence_logps(learner.model, learner.batch(chunk))  # (2b,), (2b,)
+        engine = torch.tensor([x for e in chunk for x in e.engine_logps], dtype=torch.float64)  # (2b,)
+        gap += float((logps.double().cpu() - engine).abs().sum())
+        tokens += float(n.sum())
+    return gap / max(tokens, 1.0)
 
 
 def push_to_feedback(cfg: DPOConfig, run: Path, prompts: list[list[dict]], completions) -> dict:
@@ -189,6 +208,8 @@ def online_dpo(cfg: DPOConfig, run: Path) -> None:
                    M.DPO_SCORE_WORST: sum(min(s) for s in scores) / len(scores),
                    M.ROLLOUT_ANSWER_LENGTH: sum(len(x.token_ids) for s in completions for x in s) / len(flat),
                    M.TIME_ROLLOUT: t_rollout, M.TIME_SCORE: t_score}
+            if pairs:  # the sync check: the engine's sampled log-probs against the trainer's current policy
+                rec[M.ROLLOUT_LOGPROB_DIFF] = logprob_gap(learner, pairs)
             # 4. train on this round's pairs
             t0 = time.perf_counter()
             if not pairs:

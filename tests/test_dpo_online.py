@@ -61,7 +61,10 @@ def test_online_dpo_rounds_with_rule_scorer_through_vllm(tiny_model, tmp_path, s
     for n in (1, 2, 3):
         assert (run / f"rounds/round-{n}/adapter/adapter_config.json").exists()
     assert (run / "final/adapter/adapter_model.safetensors").exists() and (run / "final/model.safetensors").exists()
-    # vLLM sampled rounds 2-3 from the trained adapter: the policy moved towards the rule's preference
+    # vLLM samples from exactly the trainer's policy: the base in round 1, the adapter saved after rounds 1 and 2
+    # (a stale adapter would show gaps of the size the training moved the log-probs, >> 1e-3)
+    assert all(x["rollout/logprob_diff"] < 1e-3 for x in rounds), [x["rollout/logprob_diff"] for x in rounds]
+    # the policy moved towards the rule's preference
     assert rounds[-1]["reward/mean"] > rounds[0]["reward/mean"], [x["reward/mean"] for x in rounds]
     samples = [json.loads(x) for x in (run / "rounds/round-1/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(len(s["answers"]) == 4 == len(s["scores"]) for s in samples)
