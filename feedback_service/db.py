@@ -1,16 +1,18 @@
 """Engine, sessions and migrations: one SQLAlchemy 2 code path for SQLite and PostgreSQL.
 
 SQLite: WAL journal, ``synchronous=FULL`` (a commit is on disk before the 2xx goes out, so a
-SIGKILL loses nothing acknowledged), and every transaction starts with ``BEGIN IMMEDIATE`` so
-check-then-insert (overlap, idempotent submit) is serialized across threads and processes.
+SIGKILL loses nothing acknowledged), and every write transaction starts with ``BEGIN IMMEDIATE``
+so check-then-insert (overlap, idempotent submit) is serialized across threads and processes;
+read-only engines (token checks, GET routes) read WAL snapshots without the write lock. The hot
+write paths are group-committed (``writer.py``).
 PostgreSQL: READ COMMITTED plus row locks (``SELECT ... FOR UPDATE``) where it matters.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-import threading
 from pathlib import Path
 
 from alembic import command
