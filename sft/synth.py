@@ -44,6 +44,21 @@ class SamplingSection(Section):
     top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
 
 
+class InstructionSampling(SamplingSection):
+    """Writing new tasks: warm sampling for variety."""
+
+    max_new_tokens: int = Field(96, gt=0, description="tokens generated at most")
+    temperature: float = Field(0.8, ge=0, description="sampling temperature (0 = greedy)")
+
+
+class AnswerSampling(SamplingSection):
+    """Answering them: cooler sampling, longer output."""
+
+    max_new_tokens: int = Field(256, gt=0, description="tokens generated at most")
+    temperature: float = Field(0.3, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass")
+
+
 class ExamplesConfig(Section):
     from_seeds: int = Field(4, ge=0, description="in-context examples drawn from the seed tasks per prompt")
     from_generated: int = Field(2, ge=0, description="in-context examples drawn from tasks generated so far (seeds fill in while there are too few)")
@@ -86,8 +101,8 @@ class SynthConfig(Section):
     engine: Literal["vllm", "hf", "auto"] = Field("auto", description="rollout engine (auto: vLLM when importable)")
     max_model_len: int = Field(2048, gt=0, description="context length (prompt + generation); prompts are fitted to it by dropping in-context examples")
     examples: ExamplesConfig = ExamplesConfig()
-    instruction: SamplingSection = SamplingSection(max_new_tokens=96, temperature=0.8, top_p=0.95)
-    answer: SamplingSection = SamplingSection(max_new_tokens=256, temperature=0.3, top_p=0.9)
+    instruction: InstructionSampling = InstructionSampling()
+    answer: AnswerSampling = AnswerSampling()
     filters: FilterConfig = FilterConfig()
     seed: int = Field(0, description="seed for example sampling and generation")
 

@@ -231,3 +231,16 @@ def test_filter_tasks_dedups_within_a_round_and_counts_reasons():
     assert kept == [Task("Name three rivers in Africa."), Task("Explain why the sky looks blue.", "for a child")]
     assert rejects == Counter(duplicate=2, banned_keyword=1)
     assert len(d.pool) == 3  # the seed and both kept tasks
+
+
+def test_help_config_shows_the_defaults_that_apply():
+    from alignloop.config import describe
+    from sft.synth import SynthConfig
+
+    cfg = SynthConfig()
+    for line in describe(SynthConfig):
+        key = line.split(" ", 1)[0]
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert f"default {value!r})" in line, line
