@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = {"host": args.host, "port": args.port, "access_log": False, "log_level": args.log_level, "timeout_graceful_shutdown": 5}
     if args.workers <= 1:
-        uvicorn.run(create_app(settings), **run)
+        app = create_app(settings)
+        _hint_if_no_admin(app.state.sessionmaker)
+        uvicorn.run(app, **run)
         return 0
     # Several processes: migrate and bootstrap once here, then each worker builds the app from env.
     engine = make_engine(settings.db_url)
@@ -74,3 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop(ADMIN_TOKEN_ENV, None)
     uvicorn.run("feedback_service.app:app_from_env", factory=True, workers=args.workers, **run)
     return 0
+
+
+def _hint_if_no_admin(factory) -> None:  # noqa: ANN001
+    from feedback_service import service  # noqa: PLC0415
+    from feedback_service.db import session_scope  # noqa: PLC0415
+    from feedback_service.observability import log  # noqa: PLC0415
+
+    with session_scope(factory) as session:
+        if not service.has_admin(session):
+            log.warning(
+                "no admin yet: run `alignloop serve --create-admin NAME` (prints a token once) "
+                f"or start with {ADMIN_TOKEN_ENV} set"
+            )

@@ -87,6 +87,10 @@ def bootstrap_admin(session: Session, name: str, now: datetime, token: str | Non
     return issue_token(session, labeler, now)[0]
 
 
+def has_admin(session: Session) -> bool:
+    return session.scalar(select(Labeler.id).where(Labeler.role == "admin", Labeler.active.is_(True)).limit(1)) is not None
+
+
 def get_labeler(session: Session, labeler_id: int) -> Labeler:
     labeler = session.get(Labeler, labeler_id)
     if labeler is None:
