@@ -238,6 +238,8 @@ def check_instruction(task: Task, examples: list[Task], f: FilterConfig) -> str 
         return "copies_prompt"
     # A copy of an example: the whole task, or its instruction or input, is an example's instruction or input
     # (small models like to promote an example's input to a new instruction), or contains one verbatim.
+    if task.input and rouge_l(rouge_tokens(task.instruction), rouge_tokens(task.input)) > f.dedup_threshold:
+        return "input_repeats_instruction"
     mine = [" ".join(rouge_tokens(x)) for x in (task.text, task.instruction, task.input) if x.strip()]
     theirs = [" ".join(rouge_tokens(x)) for e in examples for x in (e.text, e.instruction, e.input) if x.strip()]
     if any(m == t or (len(t.split()) >= 5 and f" {t} " in f" {m} ") for m in mine for t in theirs):
@@ -257,7 +259,8 @@ def check_answer(task: Task, output: str, finish_reason: str, f: FilterConfig) -
         return "output_too_short"
     if len(out) > f.max_output_chars:
         return "output_too_long"
-    if " ".join(rouge_tokens(out)) == " ".join(rouge_tokens(task.text)):
+    said, asked = " ".join(rouge_tokens(out)), " ".join(rouge_tokens(task.text))
+    if said == asked or (said and f" {said} " in f" {asked} "):  # the answer repeats (part of) the task
         return "output_copies_instruction"
     return None
 
@@ -372,8 +375,11 @@ def synthesize(cfg: SynthConfig, engine, seeds: list[Task], out_path: Path, log=
             examples, prompt_ids = make_prompts(engine, rng, seeds, generated, cfg, rejects)  # 1. prompts
             outs = engine.generate(prompt_ids, _settings(cfg.instruction, seed_rng.randrange(2**31))) if prompt_ids else []
             tasks = filter_tasks([o[0].text for o in outs], examples, dedup, cfg.filters, rejects)  # 2-3. tasks
-            answered = answer_tasks(engine, tasks, cfg, seed_rng.randrange(2**31), rejects)  # 4-5. answers
             room = cfg.num_instructions - len(generated)
+            if len(tasks) > 2 * room:  # near the target: answer twice what is missing (answers get rejected too)
+                rejects["over_target"] += len(tasks) - 2 * room
+                tasks = tasks[:2 * room]
+            answered = answer_tasks(engine, tasks, cfg, seed_rng.randrange(2**31), rejects)  # 4-5. answers
             if len(answered) > room:
                 rejects["over_target"] += len(answered) - room
                 answered = answered[:room]

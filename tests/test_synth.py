@@ -114,6 +114,7 @@ EXAMPLES = [Task("Add two numbers.", "2 and 3"), Task("Correct the grammar.", "E
     (Task("Each of the students have finished."), "copies_prompt"),  # an example's input as the instruction
     (Task("Fix this: each of the students have finished, please."), "copies_prompt"),  # contains it verbatim
     (Task("Make a sentence where each student has finished."), None),
+    (Task("Help find the source of a leak.", "Help me find the source of a leak."), "input_repeats_instruction"),
     (Task("Come up with a new task for an AI assistant please."), "copies_prompt"),
 ])
 def test_check_instruction(task, reason):
@@ -127,6 +128,8 @@ def test_check_instruction(task, reason):
     ("The Nile, the Congo", "length", "truncated_output"),
     ("x" * 41, "stop", "output_too_long"),
     ("Name three rivers in Africa", "stop", "output_copies_instruction"),
+    ("three rivers", "stop", "output_copies_instruction"),  # a piece of the task, nothing more
+    ("Three: the Nile, the Congo, the Niger.", "stop", None),
 ])
 def test_check_answer(output, finish, reason):
     assert check_answer(Task("Name three rivers in Africa."), output, finish, F) == reason
