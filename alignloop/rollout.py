@@ -177,7 +177,8 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def update_weights(self, state_dict: "dict[str, torch.Tensor]") -> None:
-        """Replace the (base) model weights; names as in the Hugging Face checkpoint."""
+        """Replace base-model weights, names as in the Hugging Face checkpoint (all of them, or a subset: the
+        others keep their values)."""
 
     @abc.abstractmethod
     def load_lora(self, adapter_dir: str | Path | None) -> None:
