@@ -56,6 +56,8 @@ def _check_key_path(cls: type[BaseModel], parts: list[str], origin: str) -> None
             raise ConfigError(f"{origin}: unknown key {'.'.join(parts[: i + 1])!r} (keys under {where}: {known})")
         ann = fields[part].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:  # an optional section (``Section | None``) is still a section
+            model = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
             if i != len(parts) - 1:
                 raise ConfigError(f"{origin}: {'.'.join(parts[: i + 1])!r} is a value, not a section")

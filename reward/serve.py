@@ -35,13 +35,10 @@ class ScoreItem(BaseModel):
     answer: Annotated[str, Field(max_length=MAX_CHARS)]
 
 
-def score_request(max_batch: int) -> type[BaseModel]:
-    class ScoreRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        items: Annotated[list[ScoreItem], Field(min_length=1, max_length=max_batch)]
-        normalize: bool | None = Field(None, description="(r - mean) / std with the saved statistics; default: the server's setting")
-
-    return ScoreRequest
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: Annotated[list[ScoreItem], Field(min_length=1, description="(prompt, answer) pairs; at most the server's --max-batch")]
+    normalize: bool | None = Field(None, description="(r - mean) / std with the saved statistics; default: the server's setting")
 
 
 class ScoreResponse(BaseModel):
@@ -54,7 +51,6 @@ def create_app(scorer, *, max_batch: int = 256):
     from fastapi import FastAPI, HTTPException
     from fastapi.concurrency import run_in_threadpool
 
-    ScoreRequest = score_request(max_batch)
     app = FastAPI(title="alignloop reward model", version="1")
     std = scorer.stats.get("std")
 
@@ -67,7 +63,9 @@ def create_app(scorer, *, max_batch: int = 256):
         return {"model": str(scorer.path), "normalize_default": scorer.normalize, "stats": scorer.stats, "max_batch": max_batch}
 
     @app.post("/score", response_model=ScoreResponse)
-    async def score(req: ScoreRequest) -> ScoreResponse:  # type: ignore[valid-type]
+    async def score(req: ScoreRequest) -> ScoreResponse:
+        if len(req.items) > max_batch:
+            raise HTTPException(422, f"items: {len(req.items)} items, this server takes at most {max_batch} per request")
         normalize = scorer.normalize if req.normalize is None else req.normalize
         if normalize and not std:
             raise HTTPException(422, "normalize=true, but this model has no saved reward statistics")
