@@ -49,8 +49,8 @@ class RuleScorer(Section):
     kind: Literal["rule", "reward_model", "feedback"] = Field(
         "rule", description="rule: a Python callable; reward_model: a trained reward model's score; feedback: push the "
                             "answers to a feedback service campaign for labelers (the human path) and stop")
-    function: str | None = Field(None, description="rule: 'module:function' taking (prompt: str, answer: str) -> float")
-    reward_model: str | None = Field(None, description="reward_model: the reward stage's final/ directory")
+    function: str | None = Field(None, description="rule: 'module:function' taking (prompt, answer: str) -> float; prompt is the user's text (a list of messages for multi-turn prompts)")
+    reward_model: str | None = Field(None, description="reward_model: the reward stage's final/ directory (or its run directory)")
     feedback: FeedbackSource | None = Field(None, description="feedback: the campaign that receives the answers")
 
 

@@ -2,15 +2,14 @@
 current LoRA adapter) -> 2 score them -> 3 best vs worst become pairs -> 4 train on them (reference: the
 base with the adapter disabled) -> 5 save the adapter and load it into the engine for the next round.
 
-Scorers: a rule callable ``module:function`` taking ``(prompt, answer) -> float`` (the prompt is the last user
-turn), the reward stage's model, or -- the human path -- the feedback service: the k answers are pushed to a
+Scorers: a rule callable ``module:function`` taking ``(prompt, answer) -> float`` (the prompt is the user's text,
+or the chat history when there is more than one turn), the reward stage's model (``reward.scorer.RewardScorer``), or -- the human path -- the feedback service: the k answers are pushed to a
 campaign as items for labelers to rank, and the run stops; the rankings come back as a feedback export that
 ``alignloop dpo data.feedback...`` trains on (docs/dpo.md).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from pathlib import Path
@@ -46,29 +45,17 @@ def read_prompts(path: str) -> list[list[dict]]:
     return out
 
 
-def load_rule(spec: str) -> Callable[[str, str], float]:
-    mod, _, name = spec.partition(":")
-    if not mod or not name:
-        raise ConfigError(f"online.scorer.function: expected 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"online.scorer.function: cannot import {spec!r} ({type(e).__name__}: {e})") from None
-    if not callable(fn):
-        raise ConfigError(f"online.scorer.function: {spec!r} is not callable")
-    return fn
-
-
 def make_scorer(sc: RuleScorer) -> Scorer:
+    """The reward stage's pieces: a rule by import path (``reward.rules.load_callable``) or ``RewardScorer``."""
     if sc.kind == "rule":
-        fn = load_rule(sc.function)
+        from reward.rules import load_callable
+
+        fn = load_callable(sc.function)
         return lambda prompts, answers: [float(fn(p, a)) for p, a in zip(prompts, answers)]
     if sc.kind == "reward_model":
-        try:
-            from reward.scorer import RewardScorer  # the reward stage's scorer: score(prompts, answers) -> list[float]
-        except ImportError as e:
-            raise ConfigError(f"online.scorer.kind=reward_model: the reward stage's RewardScorer is not available ({e})") from None
-        scorer = RewardScorer.from_pretrained(sc.reward_model) if hasattr(RewardScorer, "from_pretrained") else RewardScorer(sc.reward_model)
+        from reward.scorer import RewardScorer
+
+        scorer = RewardScorer(sc.reward_model)
         return lambda prompts, answers: [float(x) for x in scorer.score(prompts, answers)]
     raise ConfigError(f"online.scorer.kind={sc.kind} has no in-loop scorer")
 
@@ -78,9 +65,13 @@ def check_online(cfg: DPOConfig) -> None:
     read_prompts(cfg.online.prompts)
     sc = cfg.online.scorer
     if sc.kind == "rule":
-        load_rule(sc.function)
-    elif sc.kind == "reward_model" and not Path(sc.reward_model).exists():
-        raise ConfigError(f"online.scorer.reward_model: {sc.reward_model} does not exist")
+        from reward.rules import load_callable
+
+        load_callable(sc.function)
+    elif sc.kind == "reward_model":
+        from reward.scorer import resolve_reward_dir
+
+        resolve_reward_dir(sc.reward_model)
 
 
 def best_vs_worst(completions, scores: list[list[float]], min_gap: float) -> tuple[list[DPOExample], int]:
@@ -194,7 +185,8 @@ def online_dpo(cfg: DPOConfig, run: Path) -> None:
                 return
             # 2. score
             t0 = time.perf_counter()
-            flat_p = [c[-1]["content"] for c, s in zip(chats, completions) for _ in s]
+            # a single user turn is passed as its text, a longer history as messages (the reward stage's convention)
+            flat_p = [c[0]["content"] if len(c) == 1 else c for c, s in zip(chats, completions) for _ in s]
             flat_a = [x.text for s in completions for x in s]
             flat = scorer(flat_p, flat_a)
             if len(flat) != len(flat_a):

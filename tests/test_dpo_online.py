@@ -75,6 +75,9 @@ def test_online_dpo_checks_scorer_and_prompts_before_loading(tiny_model, tmp_pat
     base = [f"model.path={tiny_model}", f"output_dir={tmp_path}", f"online.prompts={prompts}", "online.scorer.kind=rule"]
     r = alignloop("dpo", *base, "online.scorer.function=dpo_rule_mod:nope", env=env, check=False)
     assert r.returncode == 2 and "dpo_rule_mod:nope" in r.stderr and "Traceback" not in r.stderr
+    r = alignloop("dpo", *base[:3], "online.scorer.kind=reward_model", f"online.scorer.reward_model={tmp_path}",
+                  env=env, check=False)
+    assert r.returncode == 2 and "not a reward model directory" in r.stderr
     bad = tmp_path / "bad_prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
     r = alignloop("dpo", *base[:2], f"online.prompts={bad}", "online.scorer.kind=rule",
@@ -83,3 +86,32 @@ def test_online_dpo_checks_scorer_and_prompts_before_loading(tiny_model, tmp_pat
     r = alignloop("dpo", *base, "online.scorer.function=dpo_rule_mod:digits", "peft.method=full", env=env, check=False)
     assert r.returncode == 2 and "online DPO needs peft.method=lora" in r.stderr
     assert not (tmp_path / "dpo").exists()
+
+
+def test_online_dpo_with_the_reward_model_scorer(tiny_model, tmp_path, setup):
+    """One round scored by the reward stage's RewardScorer (a tiny random scalar-head model), sampled with HF."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    prompts, env = setup
+    rm = tmp_path / "rm"
+    seq = LlamaForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    torch.manual_seed(3)
+    torch.nn.init.normal_(seq.score.weight, std=0.5)  # a random but non-zero head: scores differ between answers
+    seq.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model).pad_token_id
+    seq.save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm)
+    r = alignloop("dpo", f"model.path={tiny_model}", f"output_dir={tmp_path}", f"online.prompts={prompts}",
+                  "online.rounds=1", "online.prompts_per_round=4", "online.k=2", "online.steps_per_round=1",
+                  "online.max_new_tokens=8", "online.engine=hf", "online.scorer.kind=reward_model",
+                  f"online.scorer.reward_model={rm}", "train.global_batch_size=4", "train.micro_batch_size=4", env=env)
+    assert "scorer=reward_model" in r.stdout
+    rows = [json.loads(x) for x in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
+    (rnd,) = [x for x in rows if x.get("dpo/round") is not None]
+    assert rnd["dpo/pairs"] == 4 and rnd["dpo/score_best"] > rnd["dpo/score_worst"]
+    assert rnd["rollout/logprob_diff"] < 1e-3  # HF engine and trainer: the same base model in round 1
+    samples = [json.loads(x) for x in (tmp_path / "dpo/rounds/round-1/samples.jsonl").read_text().splitlines()]
+    from reward.scorer import RewardScorer
+
+    again = RewardScorer(rm).score([samples[0]["prompt"][0]["content"]] * 2, samples[0]["answers"])
+    assert again == pytest.approx(samples[0]["scores"], abs=1e-5)
