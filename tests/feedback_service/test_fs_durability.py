@@ -150,7 +150,12 @@ def test_two_worker_processes_share_one_database(db_url, tmp_path) -> None:
     """`--workers 2`: migrations and the admin bootstrap run once; both processes serve, and the
     overlap still holds across processes (SQLite's lock, not the in-process writer queue)."""
     server = ServerProcess(db_url, tmp_path, tmp_path / "workers.log", ("--workers", "2"))
-    server.start()
+    server.start()  # returns once one worker answers; wait for the second to come up too
+    log_path = tmp_path / "workers.log"
+    deadline = time.monotonic() + 90
+    while log_path.read_text().count("Started server process") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log_path.read_text().count("Started server process") == 2, log_path.read_text()[-2000:]
     try:
         with FeedbackClient(server.url, ADMIN_TOKEN) as admin:
             c = admin.create_campaign("w", overlap=2)
@@ -174,7 +179,7 @@ def test_two_worker_processes_share_one_database(db_url, tmp_path) -> None:
             assert admin.stats(c["id"])["rankings"] == 10
             for cl in clients:
                 cl.close()
-        log = (tmp_path / "workers.log").read_text()
-        assert log.count("Started server process") == 2, log[-2000:]
+        log = log_path.read_text()
+        assert log.count("Started server process") == 2, log[-2000:]  # no worker died and was replaced
     finally:
         server.stop()
