@@ -257,10 +257,11 @@ def plot(results: dict, path: Path) -> None:
     for j, s in enumerate(systems):
         ys = [results["modes"][m].get(s, {}).get("tokens_per_s", 0) for m in modes]
         bars = ax.bar([i + (j - (len(systems) - 1) / 2) * w for i in range(len(modes))], ys, w, label=s)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f" if max(ys) < 100 else "%.0f", fontsize=7)
     ax.set_xticks(range(len(modes)), [f"{m}" for m in modes])
     ax.set_ylabel("tokens/s (non-pad)")
-    ax.set_title(f"SFT throughput, SmolLM2-135M, {results['settings']['dtype']}, CPU", fontsize=9)
+    ax.set_title(f"SFT throughput, SmolLM2-135M, {results['settings']['dtype']}, CPU"
+                 f"{'' if results.get('complete') else ' (partial run)'}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
