@@ -47,16 +47,24 @@ def padded_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "targets": tgt}
 
 
-def token_nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_nll_sum(model, batch: dict[str, torch.Tensor], only_labelled: bool = True) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labelled positions, and their count.
 
-    Logits are sliced to the last T positions: prompt tuning prepends virtual
-    tokens whose outputs are not predictions of ours.
+    ``only_labelled``: the LM head runs only at positions some row has a target
+    for (``logits_to_keep`` with an index tensor), so prompt positions cost no
+    (T x vocab) projection and no logits memory; the result is the same.
+    Soft-prompt models (prompt/prefix tuning) prepend virtual positions, so they
+    use the full path: logits sliced to the last T positions.
     """
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**kwargs, use_cache=False).logits  # (B, V+T, vocab) or (B, T, vocab)
-    targets = batch["targets"]
-    logits = logits[:, -targets.shape[1]:, :]  # (B, T, vocab)
+    targets = batch["targets"]  # (B, T)
+    if only_labelled:
+        keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions with a target in some row
+        logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits  # (B, K, vocab)
+        targets = targets[:, keep]  # (B, K)
+    else:
+        logits = model(**kwargs, use_cache=False).logits  # (B, V+T, vocab) or (B, T, vocab)
+        logits = logits[:, -targets.shape[1]:, :]  # (B, T, vocab)
     n = int((targets != -100).sum())
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                             ignore_index=-100, reduction="sum")

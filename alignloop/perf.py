@@ -8,14 +8,20 @@ from dataclasses import dataclass
 import torch
 
 
-def matmul_peak_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
-    """Matrix-multiply FLOP/s measured in this process: the denominator of MFU on a CPU with no spec sheet."""
+def matmul_peak_flops(n: int = 1024, repeats: int = 4, trials: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-multiply FLOP/s measured in this process at the training dtype: the denominator of MFU on a
+    CPU with no spec sheet. The median of several short trials, so one preempted trial does not skew it."""
+    import statistics
+
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        rates.append(2 * n**3 * repeats / (time.perf_counter() - t0))
+    return statistics.median(rates)
 
 
 @dataclass

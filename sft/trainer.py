@@ -21,7 +21,7 @@ from alignloop import metrics as M
 from alignloop import rundir
 from alignloop.batching import global_batch_indices, packed_batch, padded_batch, token_nll_sum
 from alignloop.data import load_sft_examples
-from alignloop.models import apply_peft, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
+from alignloop.models import apply_peft, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 from alignloop.perf import FlopCounter, matmul_peak_flops
 from alignloop.strategy import make_strategy, seed_all
 from sft.config import SFTConfig
@@ -56,6 +56,11 @@ def make_batch(cfg: SFTConfig, examples, pad_id: int) -> dict[str, torch.Tensor]
     return padded_batch(seqs, pad_id)
 
 
+def _only_labelled(cfg: SFTConfig) -> bool:
+    """Soft prompts prepend virtual positions, so the LM head cannot be restricted by position index."""
+    return cfg.peft.method not in PACKING_INCOMPATIBLE
+
+
 @torch.no_grad()
 def evaluate(model, cfg: SFTConfig, examples, pad_id: int) -> float:
     """Mean answer-token NLL over the eval set (every rank runs every batch: ZeRO-3 gathers need all ranks)."""
@@ -64,7 +69,7 @@ def evaluate(model, cfg: SFTConfig, examples, pad_id: int) -> float:
     nll, n = 0.0, 0
     mb = cfg.train.micro_batch_size
     for i in range(0, len(examples), mb):
-        s, k = token_nll_sum(model, make_batch(cfg, examples[i: i + mb], pad_id))
+        s, k = token_nll_sum(model, make_batch(cfg, examples[i: i + mb], pad_id), _only_labelled(cfg))
         nll += float(s)
         n += k
     if was_training:
@@ -99,7 +104,7 @@ def train_worker(config: dict) -> None:
         model = apply_peft(model, cfg.peft, model_path)
     trainable, total = count_parameters(model)
     flops = FlopCounter(total_params=total, trainable_params=trainable)
-    peak = matmul_peak_flops() if rank0 else float("nan")
+    peak = matmul_peak_flops(dtype=torch_dtype(cfg.model.dtype)) if rank0 else float("nan")
 
     # 4. strategy
     model = strategy.prepare(model)
@@ -138,10 +143,10 @@ def train_worker(config: dict) -> None:
         global_tokens = strategy.all_reduce_sum(local_tokens)
         loss_sum, seen = 0.0, 0
         for b in micro:
-            nll, _ = token_nll_sum(model, b)
+            nll, _ = token_nll_sum(model, b, _only_labelled(cfg))
             strategy.backward(nll / global_tokens)
             loss_sum += float(nll.detach())
-            seen += b["input_ids"].numel()
+            seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()  # no pads
         lr = strategy.lr()  # the rate this step's update used
         grad_norm = strategy.step()
         loss = strategy.all_reduce_sum(loss_sum) / global_tokens

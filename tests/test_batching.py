@@ -17,6 +17,10 @@ def test_packed_equals_padded(tiny_model):
     with torch.no_grad():
         a, na = token_nll_sum(m, packed_batch(seqs))
         b, nb = token_nll_sum(m, padded_batch(seqs, 0))
+        # the LM head restricted to labelled positions gives the full-logits result
+        a_full, _ = token_nll_sum(m, packed_batch(seqs), only_labelled=False)
+        b_full, _ = token_nll_sum(m, padded_batch(seqs, 0), only_labelled=False)
+        assert abs(float(a) - float(a_full)) < 1e-4 and abs(float(b) - float(b_full)) < 1e-4
         # naive reference: each sequence alone
         ref = 0.0
         for ids, labels in seqs:

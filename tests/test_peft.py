@@ -22,7 +22,7 @@ def train_two_steps(model_dir, data, peft_cfg):
     batch = padded_batch(seqs, tok.pad_token_id) if peft_cfg.method in ("prompt_tuning", "prefix_tuning") else packed_batch(seqs)
     losses = []
     for _ in range(2):
-        nll, n = token_nll_sum(model, batch)
+        nll, n = token_nll_sum(model, batch, only_labelled=peft_cfg.method not in ("prompt_tuning", "prefix_tuning"))
         strat.backward(nll / n)
         strat.step()
         losses.append(float(nll) / n)
