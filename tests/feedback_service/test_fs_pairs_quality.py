@@ -79,3 +79,32 @@ def test_labeler_agreement_leave_one_out() -> None:
 def test_gold_accuracy() -> None:
     assert quality.gold_accuracy([([[1], [2]], 1), ([[2], [1]], 1), ([[1, 2]], 1), ([[7], [8]], 7)]) == (0.5, 4)
     assert quality.gold_accuracy([]) == (None, 0)
+
+
+def test_krippendorff_library_matches_its_naive_twin_on_random_rankings() -> None:
+    import random
+
+    rng = random.Random(3)
+    for trial in range(20):
+        by_item = {}
+        for item in range(rng.randint(1, 6)):
+            answers = list(range(item * 10, item * 10 + rng.randint(2, 5)))
+            by_item[item] = {}
+            for lab in rng.sample(range(6), rng.randint(1, 5)):
+                order = answers[:]
+                rng.shuffle(order)
+                groups: list[list[int]] = []
+                for a in order:  # random ties
+                    if groups and rng.random() < 0.25:
+                        groups[-1].append(a)
+                    else:
+                        groups.append([a])
+                by_item[item][lab] = groups
+        lib, ref = quality.krippendorff_alpha(by_item), quality.krippendorff_alpha_reference(by_item)
+        assert (lib is None) == (ref is None), (trial, lib, ref)
+        if lib is not None:
+            assert lib == pytest.approx(ref, abs=1e-9), trial
+
+
+def test_krippendorff_reference_hand_value() -> None:
+    assert quality.krippendorff_alpha_reference({1: {10: [[1], [2], [3]], 11: [[1], [3], [2]]}}) == pytest.approx(7 / 12)
