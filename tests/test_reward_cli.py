@@ -267,3 +267,22 @@ def test_zero3_on_two_ray_workers_matches_one_process(tiny_model, marker_files, 
     assert w1.keys() == w2.keys() and "score.weight" in w1
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-5)
+
+
+def test_ray_actor_scores_like_the_plain_class(trained):
+    import ray
+
+    from reward.scorer import RewardScorer, reward_scorer_actor
+
+    run, _ = trained
+    rows = marker_rows(6, seed=9)
+    prompts, answers = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}})
+    try:
+        actor = reward_scorer_actor(run, normalize=True, batch_size=4)
+        remote = ray.get(actor.score.remote(prompts, answers))
+        assert ray.get(actor.stats.remote())["std"] > 0
+    finally:
+        ray.shutdown()
+    assert remote == pytest.approx(RewardScorer(run, normalize=True, batch_size=4).score(prompts, answers), abs=1e-5)
