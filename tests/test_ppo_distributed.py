@@ -12,6 +12,15 @@ from ppo.experience import build_experience
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: more threads than free cores spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(tiny_model, tmp_path, *extra):
     return load_config(PPOConfig, None, [
         f"model.path={tiny_model}", f"data.prompts={tmp_path / 'p.jsonl'}", "reward.rules=[{fn: 'ppo.rewards:brevity'}]",

@@ -21,6 +21,15 @@ from ppo.trainer import compute_advantages, make_kl_controller, read_prompts, to
 RULE = "reward.rules=[{fn: 'ppo.rewards:char_fraction', kwargs: {chars: 'e'}}]"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine: more threads than free cores spin against each other (10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def cfg_of(*overrides, prompts="p.jsonl", model="m"):
     return load_config(PPOConfig, None, [f"model.path={model}", f"data.prompts={prompts}", RULE, *overrides])
 
