@@ -164,7 +164,9 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for system in a.systems.split(","):
-        cmd = [sys.executable, __file__, "--one", system, *[x for x in (argv or sys.argv[1:]) if not x.startswith("--systems")]]
+        cmd = [sys.executable, __file__, "--one", system, "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--prompts", str(a.prompts), "--grpo-prompts", str(a.grpo_prompts), "--group", str(a.group),
+               "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
