@@ -181,7 +181,7 @@ def online_dpo(cfg: DPOConfig, run: Path) -> None:
             if human:  # the human path: hand the answers to labelers and stop
                 rec = push_to_feedback(cfg, run, chats, completions)
                 print(f"[alignloop] pushed {rec['items']} items to campaign {rec['campaign']!r} for ranking; train on "
-                      "their export with `alignloop dpo data.feedback.url=... data.feedback.campaign=...`", flush=True)
+                      "their export with `alignloop dpo 'data.feedback={url: ..., campaign: ...}'`", flush=True)
                 return
             # 2. score
             t0 = time.perf_counter()
