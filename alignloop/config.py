@@ -131,8 +131,12 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[str]:
     for name, f in cls.model_fields.items():
         ann = f.annotation
         key = f"{prefix}{name}"
+        optional = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.extend(describe(ann, key + "."))
+        elif optional is not None:  # an optional section: its keys, under a line saying it may be left out
+            out.append(f"{key} (optional section, default None): {f.description or ''}")
+            out.extend(describe(optional, key + "."))
         else:
             tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
             default = f.get_default(call_default_factory=True)
