@@ -286,3 +286,23 @@ def test_ray_actor_scores_like_the_plain_class(trained):
     finally:
         ray.shutdown()
     assert remote == pytest.approx(RewardScorer(run, normalize=True, batch_size=4).score(prompts, answers), abs=1e-5)
+
+
+def test_resume_after_crash_matches_uninterrupted(tiny_model, marker_files, tmp_path):
+    from safetensors.torch import load_file
+
+    train, held = marker_files
+    args = common(tiny_model, tmp_path, **{"data.train": train, "data.eval": held, "data.eval_limit": 4,
+                                           "train.max_steps": 4, "train.save_every": 2})
+    alignloop("reward", *args, "run_name=straight")
+    r = alignloop("reward", *args, "run_name=crashed", env={"ALIGNLOOP_CRASH_AFTER_STEP": "2"}, check=False)
+    assert r.returncode != 0 and (tmp_path / "crashed/checkpoints/step-2/DONE").exists()
+    r = alignloop("reward", *args, "run_name=crashed", check=False)
+    assert r.returncode == 2 and "resume=true" in r.stderr  # never clobbers a run silently
+    assert "resumed from" in alignloop("reward", *args, "run_name=crashed", "resume=true").stdout
+    a, b = load_file(tmp_path / "straight/final/model.safetensors"), load_file(tmp_path / "crashed/final/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la = {x["step"]: x["loss/reward"] for x in metrics(tmp_path / "straight") if x.get("loss/reward") is not None}
+    lb = {x["step"]: x["loss/reward"] for x in metrics(tmp_path / "crashed") if x.get("loss/reward") is not None}
+    assert la[3] == pytest.approx(lb[3], rel=1e-5) and la[4] == pytest.approx(lb[4], rel=1e-5)
