@@ -84,3 +84,23 @@ class TrainConfig(Section):
         if self.strategy != "auto":
             return self.strategy
         return "single" if num_workers == 1 else "deepspeed"
+
+
+def check_parallel_layout(train: TrainConfig, ray: RayConfig, peft: PeftConfig | None = None,
+                          deepspeed: DeepSpeedConfig | None = None, unit: str = "") -> None:
+    """The checks every data-parallel stage config shares (SFT, reward, DPO), raised as ValueError for pydantic.
+
+    The global batch must split into micro-batches x accumulation x workers; strategy=single is one process;
+    QLoRA's 4-bit weights cannot be partitioned by ZeRO-3 on this stack.
+    """
+    world = ray.num_workers
+    G, mb = train.global_batch_size, train.micro_batch_size
+    if G % world or (G // world) % mb:
+        raise ValueError(f"train.global_batch_size {G}{unit} must equal micro_batch_size {mb} x accumulation x "
+                         f"ray.num_workers {world}")
+    if train.strategy == "single" and world > 1:
+        raise ValueError("train.strategy=single runs one process; set ray.num_workers=1 or strategy=deepspeed/fsdp")
+    if (peft is not None and deepspeed is not None and peft.method == "qlora"
+            and train.resolved_strategy(world) == "deepspeed" and deepspeed.zero_stage == 3):
+        raise ValueError("peft.method=qlora cannot be sharded with ZeRO-3 here (bitsandbytes 4-bit weights are not "
+                         "partitionable on this stack); use deepspeed.zero_stage=2 or train.strategy=single")

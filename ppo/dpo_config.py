@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignloop.config import Section
-from alignloop.sections import DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig, RayConfig, TrainConfig
+from alignloop.sections import (DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig, RayConfig, TrainConfig,
+                                check_parallel_layout)
 from reward.config import FeedbackSource
 
 ADAPTER_METHODS = ("lora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -96,14 +97,7 @@ class DPOConfig(Section):
     @model_validator(mode="after")
     def _checks(self):
         world = self.ray.num_workers
-        per_rank = self.train.global_batch_size // world if self.train.global_batch_size % world == 0 else None
-        if per_rank is None or per_rank % self.train.micro_batch_size:
-            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} (pairs) must equal micro_batch_size "
-                             f"{self.train.micro_batch_size} x accumulation x ray.num_workers {world}")
-        if self.train.strategy == "single" and world > 1:
-            raise ValueError("train.strategy=single runs one process; set ray.num_workers=1 or strategy=deepspeed/fsdp")
-        if self.peft.method == "qlora" and self.train.resolved_strategy(world) == "deepspeed" and self.deepspeed.zero_stage == 3:
-            raise ValueError("peft.method=qlora cannot be sharded with ZeRO-3 here; use deepspeed.zero_stage=2 or train.strategy=single")
+        check_parallel_layout(self.train, self.ray, self.peft, self.deepspeed, unit=" (pairs)")
         if not self.online.enabled and self.data.train is None and self.data.feedback is None:
             raise ValueError("offline DPO needs data.train (a file) or data.feedback (a feedback service); "
                              "or set online.enabled=true")

@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from alignloop.config import Section
-from alignloop.sections import DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig, RayConfig, TrainConfig
+from alignloop.sections import (DeepSpeedConfig, ModelConfig, OptimConfig, PeftConfig, RayConfig, TrainConfig,
+                                check_parallel_layout)
 
 REWARD_PEFT = ("full", "lora", "freeze")
 
@@ -70,15 +71,9 @@ class RewardConfig(Section):
 
     @model_validator(mode="after")
     def _checks(self):
-        world = self.ray.num_workers
-        per_rank = self.train.global_batch_size // world if self.train.global_batch_size % world == 0 else None
-        if per_rank is None or per_rank % self.train.micro_batch_size:
-            raise ValueError(f"train.global_batch_size {self.train.global_batch_size} must equal micro_batch_size "
-                             f"{self.train.micro_batch_size} x accumulation x ray.num_workers {world}")
+        check_parallel_layout(self.train, self.ray)
         if self.peft.method not in REWARD_PEFT:
             raise ValueError(f"peft.method={self.peft.method} is not supported for reward models (use one of {REWARD_PEFT})")
-        if self.train.strategy == "single" and world > 1:
-            raise ValueError("train.strategy=single runs one process; set ray.num_workers=1 or strategy=deepspeed/fsdp")
         if self.loss.use_margin and self.loss.type != "bradley_terry":
             raise ValueError("loss.use_margin applies to loss.type=bradley_terry only")
         return self
