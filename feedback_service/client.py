@@ -301,8 +301,11 @@ class FeedbackClient:
 
     # -- stats, quality, export (admin) --
 
-    def stats(self, campaign_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/api/v1/campaigns/{campaign_id}/stats", idempotent=True)
+    def stats(self, campaign_id: int, since_watermark: int | None = None) -> dict[str, Any]:
+        """Campaign counts; ``rankings_since`` counts rankings with id > ``since_watermark``
+        (all of them when omitted), ``max_ranking_id`` is the campaign's largest ranking id."""
+        params = {"since_watermark": since_watermark} if since_watermark is not None else {}
+        return self._json("GET", f"/api/v1/campaigns/{campaign_id}/stats", params=params, idempotent=True)
 
     def quality(self, campaign_id: int) -> dict[str, Any]:
         return self._json("GET", f"/api/v1/campaigns/{campaign_id}/quality", idempotent=True)

@@ -216,6 +216,8 @@ class CampaignStats(BaseModel):
     active_leases: int
     queue_depth: int = Field(description="rankings still needed: sum over items of overlap - rankings - active leases")
     labelers: int
+    max_ranking_id: int = Field(description="largest ranking id in this campaign (0 if none); an export taken now has a watermark >= this")
+    rankings_since: int = Field(description="this campaign's rankings with id > since_watermark (equals rankings without the parameter)")
 
 
 # ---- export --------------------------------------------------------------------------------

@@ -393,11 +393,16 @@ def progress(session: Session, campaign: Campaign, labeler: Labeler) -> Progress
     )
 
 
-def stats(session: Session, campaign: Campaign, now: datetime) -> CampaignStats:
+def stats(session: Session, campaign: Campaign, now: datetime, since_watermark: int | None = None) -> CampaignStats:
     n_items = _count(session, select(func.count()).select_from(Item).where(Item.campaign_id == campaign.id))
     in_campaign = select(func.count()).select_from(Assignment).where(Assignment.campaign_id == campaign.id)
     rankings = _count(session, select(func.count()).select_from(Ranking).where(Ranking.campaign_id == campaign.id))
     active = _count(session, in_campaign.where(Assignment.status == "leased", Assignment.expires_at > now))
+    max_id = _count(session, select(func.max(Ranking.id)).where(Ranking.campaign_id == campaign.id))
+    if since_watermark:
+        since = _count(session, select(func.count()).select_from(Ranking).where(Ranking.campaign_id == campaign.id, Ranking.id > since_watermark))
+    else:
+        since = rankings
     return CampaignStats(
         campaign_id=campaign.id,
         items=n_items,
@@ -407,6 +412,8 @@ def stats(session: Session, campaign: Campaign, now: datetime) -> CampaignStats:
         active_leases=active,
         queue_depth=queue_depth(session, campaign, now),
         labelers=_count(session, select(func.count(func.distinct(Ranking.labeler_id))).where(Ranking.campaign_id == campaign.id)),
+        max_ranking_id=max_id,
+        rankings_since=since,
     )
 
 

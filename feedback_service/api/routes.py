@@ -297,8 +297,16 @@ def progress(campaign_id: IdPath, session: ReadSessionDep, user: CurrentUser) ->
 
 
 @router.get("/campaigns/{campaign_id}/stats", response_model=CampaignStats, tags=["quality"])
-def stats(campaign_id: IdPath, session: ReadSessionDep, clock: ClockDep, _: AdminUser) -> CampaignStats:
-    return service.stats(session, service.get_campaign(session, campaign_id), clock())
+def stats(
+    campaign_id: IdPath,
+    session: ReadSessionDep,
+    clock: ClockDep,
+    _: AdminUser,
+    since_watermark: Annotated[int | None, Query(ge=0, le=2**62, description="count rankings with id > this watermark in rankings_since")] = None,
+) -> CampaignStats:
+    """Counts for the campaign; ``rankings_since`` counts rankings newer than ``since_watermark``
+    (e.g. an export's watermark: how much new feedback an incremental export would see)."""
+    return service.stats(session, service.get_campaign(session, campaign_id), clock(), since_watermark)
 
 
 @router.get("/campaigns/{campaign_id}/quality", response_model=CampaignQuality, tags=["quality"])

@@ -322,6 +322,40 @@ def test_export_is_versioned_immutable_and_incremental(admin, make_labeler, tmp_
     assert [e["id"] for e in admin.list_exports(c["id"])] == [first.version, second.version, explicit.version, empty.version, full.version]
 
 
+def test_stats_since_watermark_counts_new_rankings(admin, make_labeler, live) -> None:
+    c = admin.create_campaign("c", overlap=1)
+    other = admin.create_campaign("other", overlap=1)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(5)])
+    admin.add_items(other["id"], [item("o1")])
+    s = admin.stats(c["id"])
+    assert (s["rankings"], s["max_ranking_id"], s["rankings_since"]) == (0, 0, 0)
+    assert admin.stats(c["id"], since_watermark=0)["rankings_since"] == 0
+    bob = make_labeler("bob")
+    for _ in range(2):
+        a = bob.next_item(c["id"])
+        bob.submit_ranking(a["item"]["id"], [x["id"] for x in a["item"]["answers"]])
+    first = admin.export(c["id"], aggregation="none")
+    s = admin.stats(c["id"])
+    assert s["rankings"] == s["rankings_since"] == 2 and first.watermark >= s["max_ranking_id"] > 0
+    assert admin.stats(c["id"], since_watermark=first.watermark)["rankings_since"] == 0
+    rank_all(bob, other["id"])  # another campaign's ranking counts in neither field
+    mine = rank_all(bob, c["id"])
+    assert len(mine) == 3
+    s = admin.stats(c["id"], since_watermark=first.watermark)
+    assert s["rankings"] == 5 and s["rankings_since"] == 3 and s["max_ranking_id"] == max(r["id"] for r in mine)
+    assert admin.stats(c["id"], since_watermark=0)["rankings_since"] == 5
+    assert admin.stats(c["id"], since_watermark=s["max_ranking_id"])["rankings_since"] == 0
+    assert admin.export(c["id"], aggregation="none", since_last=True).watermark >= s["max_ranking_id"]
+    o = admin.stats(other["id"], since_watermark=first.watermark)
+    assert (o["rankings"], o["rankings_since"]) == (1, 1) and first.watermark < o["max_ranking_id"] < s["max_ranking_id"]
+    for bad in ("-1", "x", str(2**62 + 1)):
+        r = httpx.get(f"{live.url}/api/v1/campaigns/{c['id']}/stats", params={"since_watermark": bad}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 422, bad
+    with pytest.raises(FeedbackError) as e:
+        bob.stats(c["id"], since_watermark=0)
+    assert e.value.status == 403
+
+
 def test_export_dataset_dir_loads_with_datasets(admin, make_labeler, tmp_path) -> None:
     import datasets
 
