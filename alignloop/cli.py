@@ -19,13 +19,15 @@ STAGES: dict[str, tuple[str, str]] = {
     "plan": ("alignloop.plan:main", "memory plan for full/LoRA/QLoRA under ZeRO-2/3/offload, and license"),
     "serve": ("feedback_service.cli:main", "run the feedback service (labeler API and web page)"),
     "ppo": ("ppo.cli:main", "policy optimization: PPO / GRPO / RLOO / REINFORCE++ with vLLM rollouts, actor + critic on Ray"),
+    "pipeline": ("alignloop.pipeline:main", "the whole loop as one Ray job: SFT -> candidates -> feedback -> reward -> PPO/DPO -> evaluate"),
+    "retrain": ("alignloop.retrain:main", "retraining loop: on a schedule or N new rankings, retrain, evaluate, promote only past the gates"),
     "demo": ("alignloop.demo:main", "the main job: end-to-end demo on the packaged base model"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: alignloop <stage> [--config FILE] [dotted.key=value ...]", "", "stages:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in STAGES.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in STAGES.items()]
     return "\n".join(lines)
 
 
