@@ -439,12 +439,14 @@ class Pipeline:
             self.service.stop()
             self.service = None
 
-    def candidates(self, policy: Artifact) -> Artifact:
+    def candidates(self, policy: Artifact, seed: int | None = None) -> Artifact:
         """Sample answers from ``policy`` and push them to the campaign as new items (provenance attached)."""
         from alignloop.feedback_link import candidate_items
 
         self.connect()
         c = self.cfg.candidates
+        if seed is not None:
+            c = c.model_copy(update={"seed": seed})
         ident = {"candidates": c.model_dump(mode="json"), "service": self.service_id, "campaign": self.cfg.feedback.campaign}
         inputs = file_inputs({"prompts": c.prompts})
         key = self.registry.make_key("candidates", ident, inputs, [policy])
@@ -496,15 +498,16 @@ class Pipeline:
             wait_for_rankings(self.fc, cid, since_watermark, f.min_new_rankings, f.timeout_s, f.poll_s)
         return self.fc.stats(cid, since_watermark=since_watermark)
 
-    def export(self, since_watermark: int | None = None) -> Artifact:
-        """A new export version when there is feedback newer than the last export of this campaign; else the last one."""
+    def export(self, since_watermark: int | None = None, reuse_unchanged: bool = True) -> Artifact:
+        """A new export version when there is feedback newer than the last export of this campaign; else the last one
+        (``reuse_unchanged=False``: always a new version)."""
         self.connect()
         f = self.cfg.feedback
         cid = self.campaign["id"]
         where = {"service": self.service_id, "campaign": f.campaign}
         last = self.registry.latest("feedback", where)
         st = self.fc.stats(cid, since_watermark=last.extra["watermark"] if last else 0)
-        if last is not None and st["rankings_since"] == 0:
+        if reuse_unchanged and last is not None and st["rankings_since"] == 0:
             self.log(f"export: no rankings since watermark {last.extra['watermark']} -> skipped, reusing {last.id} "
                      f"(export v{last.extra['export_id']}, {last.extra['rows']} pairs)")
             return last
