@@ -21,7 +21,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "ppo": ("ppo.cli:main", "policy optimization: PPO / GRPO / RLOO / REINFORCE++ with vLLM rollouts, actor + critic on Ray"),
     "pipeline": ("alignloop.pipeline:main", "the whole loop as one Ray job: SFT -> candidates -> feedback -> reward -> PPO/DPO -> evaluate"),
     "retrain": ("alignloop.retrain:main", "retraining loop: on a schedule or N new rankings, retrain, evaluate, promote only past the gates"),
-    "demo": ("alignloop.demo:main", "the main job: end-to-end demo on the packaged base model"),
+    "demo": ("alignloop.demo:main", "the main job: the whole loop (feedback service, SFT, labelers, reward, PPO) on the packaged base model"),
+    "demo-sft": ("alignloop.demo_sft:main", "instruction tuning alone on the packaged base model, before and after"),
 }
 
 

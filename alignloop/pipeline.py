@@ -42,6 +42,8 @@ class StageRef(Section):
     config: str = Field(..., description="the stage's own YAML config (configs/sft.yaml, ...): the pipeline does not copy its fields")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted.key: value overrides applied to that config")
     num_cpus: float | None = Field(None, gt=0, description="CPUs of the Ray worker that runs the stage (default: ray.stage_cpus)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs of the Ray worker that runs the stage (in-process training on a GPU node; "
+                            "stages with their own Ray workers ask for GPUs through their ray section)")
 
 
 class PolicyStageRef(StageRef):
@@ -238,13 +240,14 @@ class Launcher:
     def default_cpus(self) -> float:
         return self.cfg.stage_cpus or min(4.0, self.cluster_cpus or 1.0)
 
-    def call(self, fn_path: str, args: list, kwargs: dict | None = None, cpus: float | None = None, name: str = "stage") -> Any:
+    def call(self, fn_path: str, args: list, kwargs: dict | None = None, cpus: float | None = None, name: str = "stage",
+             gpus: float = 0.0) -> Any:
         cpus = cpus or self.default_cpus()
         threads = max(1, int(cpus))
         if self.kind == "ray":
             import ray
 
-            task = ray.remote(num_cpus=cpus, max_calls=1, max_retries=0)(_call_isolated).options(name=name)
+            task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1, max_retries=0)(_call_isolated).options(name=name)
             return ray.get(task.remote(fn_path, args, kwargs or {}, os.getcwd(), threads))
         import multiprocessing as mp
 
@@ -358,7 +361,7 @@ class Pipeline:
                  + (f" (parents: {', '.join(p.id for p in parents)})" if parents else ""))
         t0 = time.time()
         rc = self.launcher.call("alignloop.pipeline:_stage_cli", [kind, ["--config", str(cfg_file)]],
-                                cpus=ref.num_cpus, name=f"alignloop-{kind}")
+                                cpus=ref.num_cpus, gpus=ref.num_gpus, name=f"alignloop-{kind}")
         if rc:
             raise PipelineError(f"stage {label} (alignloop {kind}) failed with exit code {rc}; its run directory: "
                                 f"{slot / 'run'} (re-running resumes it)")

@@ -1,4 +1,4 @@
-"""The main job's code path (``alignloop demo``) on a tiny model: before/after table, run directory, plot."""
+"""The SFT-only demo (``alignloop demo-sft``) on a tiny model: before/after table, run directory, plot."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alignloop.demo import follows_style
+from alignloop.demo_sft import follows_style
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_house_style_detector():
 
 def test_demo_runs_end_to_end_on_tiny_model(tiny_model, tiny_data, tmp_path):
     exe = Path(sys.executable).parent / "alignloop"
-    r = subprocess.run([str(exe), "demo", "--max-new-tokens", "8", f"model.path={tiny_model}", f"data.train={tiny_data}",
+    r = subprocess.run([str(exe), "demo-sft", "--max-new-tokens", "8", f"model.path={tiny_model}", f"data.train={tiny_data}",
                         f"data.eval={tiny_data}", f"output_dir={tmp_path}", "train.max_steps=3", "train.eval_every=0"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
