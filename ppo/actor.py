@@ -187,6 +187,7 @@ class CriticTrainer:
         self.cfg = cfg
         self.strategy = _strategy(cfg, cfg.critic.optim, workers)
         seed_all(cfg.train.seed + 1)  # the fresh head's init, independent of the actor's RNG use
+        self._path = model_path
         with self.strategy.model_init_context():
             model = load_value_model(cfg, cfg.critic.init_from or model_path)
         self.model = self.strategy.prepare(model)
@@ -219,6 +220,27 @@ class CriticTrainer:
 
     def parameters_digest(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().cpu() for n, p in self.strategy.unwrap().named_parameters() if p.requires_grad}
+
+    def save_final(self, out: Path, tokenizer_dir: str | None = None) -> None:
+        """The trained value model as a plain HF ``*ForSequenceClassification`` (LoRA merged) in ``out``: loadable with
+        ``AutoModelForSequenceClassification`` and usable as ``critic.init_from`` of the next run. A collective under ZeRO-3."""
+        sd = self.strategy.full_state_dict()
+        if self.rank != 0:
+            return
+        sd = {k[len("seq."):]: v for k, v in sd.items() if k.startswith("seq.")}
+        fresh = load_value_model(self.cfg, self.cfg.critic.init_from or self._path).seq  # same structure, CPU, unsharded
+        missing, unexpected = fresh.load_state_dict(sd, strict=False)
+        if unexpected or [k for k in missing if "lora" in k or "score" in k]:
+            raise RuntimeError(f"critic export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        if hasattr(fresh, "merge_and_unload"):
+            fresh = fresh.merge_and_unload()
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        fresh.save_pretrained(out, safe_serialization=True)
+        if tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
 
     def save_checkpoint(self, path: Path, client_state: dict) -> None:
         self.strategy.save_checkpoint(path, client_state)

@@ -99,6 +99,9 @@ class CriticWorker:
     def train_mini_batch(self, exp: Experience, global_tokens: float) -> dict:
         return self.t.train_mini_batch(exp, global_tokens)
 
+    def save_final(self, out: str, tokenizer_dir: str) -> None:
+        self.t.save_final(Path(out), tokenizer_dir)
+
     def save_checkpoint(self, path: str, client: dict) -> None:
         self.t.save_checkpoint(Path(path), client)
 
@@ -162,6 +165,7 @@ class RayRoles:
         from alignloop.ray_utils import init_ray
 
         init_ray(cfg.ray.address)
+        self.model_path = model_path
         self.cfg, self.run = cfg, Path(run).resolve()
         self.actor = _Group(PolicyWorker, cfg, model_path, cfg.ray.actor_workers)
         self.critic = _Group(CriticWorker, cfg, model_path, cfg.ray.critic_workers) if cfg.uses_critic else None
@@ -215,6 +219,8 @@ class RayRoles:
 
     def save_final(self, out: Path) -> None:
         self.actor.all("save_final", str(Path(out).resolve()), self.cfg.peft.method == "lora")
+        if self.critic is not None:
+            self.critic.all("save_final", str(Path(out).resolve() / "critic"), self.model_path)
 
     def actor_digest(self) -> dict:
         return self.actor.all("parameters_digest")[0]

@@ -132,7 +132,7 @@ class LocalRoles:
     def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
         from ppo.actor import CriticTrainer, PolicyTrainer
 
-        self.cfg, self.run = cfg, run
+        self.cfg, self.run, self.model_path = cfg, run, model_path
         self.actor = PolicyTrainer(cfg, model_path)
         self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
         self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
@@ -176,6 +176,8 @@ class LocalRoles:
         else:
             self.actor.strategy.unwrap().save_pretrained(out, state_dict=self.actor.full_state_dict(),
                                                          safe_serialization=True)
+        if self.critic is not None:
+            self.critic.save_final(out / "critic", self.model_path)
 
     def actor_digest(self) -> dict:
         return self.actor.parameters_digest()

@@ -68,8 +68,16 @@ def test_cli_ppo_raises_reward(tiny_model, tmp_path):
     assert max(x["rollout/logprob_diff"] for x in m) < 1e-4
     assert m[-1]["ppo/kl"] > 0  # the policy moved away from the reference
     for name in ("config.yaml", "final/config.json", "final/model.safetensors", "final/tokenizer.json",
-                 "checkpoints/step-20/DONE"):
+                 "checkpoints/step-20/DONE", "final/critic/model.safetensors", "final/critic/tokenizer.json"):
         assert (run / name).exists(), name
+    # the trained critic is exported as a plain sequence-classification model: its head equals the last checkpoint's
+    from transformers import AutoModelForSequenceClassification
+
+    critic = AutoModelForSequenceClassification.from_pretrained(run / "final/critic", num_labels=1)
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    assert not torch.allclose(critic.score.weight, fresh.score.weight)  # trained, not the initial head
+    state = torch.load(run / "checkpoints/step-20/critic/state.pt", weights_only=False)["model"]
+    torch.testing.assert_close(critic.score.weight, state["seq.score.weight"].float())
 
 
 def test_cli_grpo_raises_reward(tiny_model, tmp_path):
