@@ -114,6 +114,7 @@ class PPORayConfig(Section):
     use_ray: bool = Field(False, description="run actor, critic and rollout engine as Ray actors")
     actor_workers: int = Field(1, ge=1, description="actor (policy) DeepSpeed workers")
     critic_workers: int = Field(1, ge=1, description="critic DeepSpeed workers")
+    num_engines: int = Field(1, ge=1, description="rollout engine actors (vLLM); each prompt batch is split over them (data-parallel rollouts)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker actor (fractions allowed)")
     threads_per_worker: int = Field(1, gt=0, description="torch threads in each worker")
     address: str | None = Field(None, description="Ray cluster address (default: the job's cluster, else a local one)")
@@ -158,8 +159,8 @@ class PPOConfig(Section):
             if B % a.num_mini_batches or (B // a.num_mini_batches) % (workers * self.train.micro_batch_size):
                 raise ValueError(f"rollout batch {B} (prompts_per_step x n_samples) must split into algo.num_mini_batches "
                                  f"{a.num_mini_batches} x {who} {workers} x train.micro_batch_size {self.train.micro_batch_size}")
-        if not self.ray.use_ray and (self.ray.actor_workers > 1 or self.ray.critic_workers > 1):
-            raise ValueError("ray.actor_workers/critic_workers > 1 need ray.use_ray=true")
+        if not self.ray.use_ray and (self.ray.actor_workers > 1 or self.ray.critic_workers > 1 or self.ray.num_engines > 1):
+            raise ValueError("ray.actor_workers/critic_workers/num_engines > 1 need ray.use_ray=true")
         if self.train.strategy == "deepspeed" and not self.ray.use_ray:
             raise ValueError("train.strategy=deepspeed runs on Ray workers: set ray.use_ray=true")
         return self

@@ -169,13 +169,27 @@ class RayRoles:
         self.cfg, self.run = cfg, Path(run).resolve()
         self.actor = _Group(PolicyWorker, cfg, model_path, cfg.ray.actor_workers)
         self.critic = _Group(CriticWorker, cfg, model_path, cfg.ray.critic_workers) if cfg.uses_critic else None
-        self.engine = EngineWorker.options(num_cpus=cfg.ray.cpus_per_worker, runtime_env={"env_vars": VLLM_ENV}).remote(
-            cfg.model_dump(mode="json"), model_path, cfg.ray.threads_per_worker)
-        ray.get(self.engine.ready.remote())
+        self.engines = [EngineWorker.options(num_cpus=cfg.ray.cpus_per_worker, runtime_env={"env_vars": VLLM_ENV}).remote(
+            cfg.model_dump(mode="json"), model_path, cfg.ray.threads_per_worker) for _ in range(cfg.ray.num_engines)]
+        self.engine = self.engines[0]
+        ray.get([e.ready.remote() for e in self.engines])
         self._torch = torch
 
     def generate(self, prompt_ids, settings):
-        return ray.get(self.engine.generate.remote(prompt_ids, settings))
+        """Contiguous shards of the prompts over the engines (each its own sampling seed), gathered in order."""
+        import dataclasses
+
+        n = len(self.engines)
+        if n == 1 or len(prompt_ids) < 2:
+            return ray.get(self.engine.generate.remote(prompt_ids, settings))
+        bounds = [len(prompt_ids) * i // n for i in range(n + 1)]
+        futures = []
+        for i, eng in enumerate(self.engines):
+            shard = prompt_ids[bounds[i]:bounds[i + 1]]
+            if shard:
+                s = settings if settings.seed is None else dataclasses.replace(settings, seed=settings.seed + 7919 * i)
+                futures.append(eng.generate.remote(shard, s))
+        return [c for part in ray.get(futures) for c in part]
 
     def logprobs(self, exp, reference=False):
         return self._torch.cat(self.actor.map("logprobs", exp, reference))
@@ -201,10 +215,10 @@ class RayRoles:
     def sync(self) -> None:
         if self.cfg.peft.method == "lora":
             paths = self.actor.all("save_adapter", str(self.run / "sync" / "adapter"))
-            ray.get(self.engine.load_lora.remote(paths[0]))
+            ray.get([e.load_lora.remote(paths[0]) for e in self.engines])
         else:
-            sd = self.actor.all("full_state_dict")[0]  # rank 0 holds the gathered weights
-            ray.get(self.engine.update_weights.remote(sd))
+            sd = ray.put(self.actor.all("full_state_dict")[0])  # rank 0 holds the gathered weights; one copy in the store
+            ray.get([e.update_weights.remote(sd) for e in self.engines])
 
     def save(self, path: Path, client: dict) -> None:
         self.actor.all("save_checkpoint", str(Path(path).resolve() / "actor"), client)
@@ -227,8 +241,8 @@ class RayRoles:
 
     def close(self) -> None:
         try:
-            ray.get(self.engine.close.remote())
+            ray.get([e.close.remote() for e in self.engines])
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
-        for w in ([self.engine] + self.actor.workers + (self.critic.workers if self.critic else [])):
+        for w in (self.engines + self.actor.workers + (self.critic.workers if self.critic else [])):
             ray.kill(w)

@@ -81,3 +81,35 @@ def test_two_zero3_ranks_equal_one_process(tiny_model, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4)
         changed += not torch.equal(w1[k], base[k])
     assert changed == len(w1)  # every weight moved: the comparison is not trivially equal
+
+
+def test_two_rollout_engines_split_the_batch_and_both_get_the_synced_weights(tiny_model, tmp_path):
+    """ray.num_engines=2: prompts are sharded over two engine actors; after an update + sync, greedy answers from
+    the pair equal one in-process engine holding the trained weights (so both engines were synced)."""
+    ray = pytest.importorskip("ray")
+    from alignloop.rollout import HFEngine, SamplingSettings
+    from ppo.ray_actors import RayRoles
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    cfg = _cfg(tiny_model, tmp_path, "ray.use_ray=true", "ray.num_engines=2", "ray.cpus_per_worker=0.5",
+               "rollout.engine=hf", "algo.kl.coef=0")
+    roles = RayRoles(cfg, str(tiny_model), tmp_path / "run")
+    try:
+        assert len(roles.engines) == 2
+        exp = _experience(300)
+        exp.old_logprobs = torch.cat(roles.actor.map("logprobs", exp, False))
+        roles.train_actor(exp, float(exp.mask.sum()), 0.0)
+        roles.sync()
+        trained = roles.actor.all("parameters_digest")[0]
+        prompts = [[5 + i, 17, 42 + i] for i in range(5)]  # odd count: uneven shards
+        greedy = SamplingSettings(max_new_tokens=6, temperature=0.0)
+        got = [c[0].token_ids for c in roles.generate(prompts, greedy)]
+    finally:
+        roles.close()
+        ray.shutdown()
+    local = HFEngine(str(tiny_model))
+    before = [c[0].token_ids for c in local.generate(prompts, greedy)]
+    local.update_weights(trained)
+    want = [c[0].token_ids for c in local.generate(prompts, greedy)]
+    assert got == want
+    assert want != before  # the update changed the answers: the comparison is not trivially equal
