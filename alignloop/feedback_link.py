@@ -130,7 +130,9 @@ def candidate_items(prompts: list[Any], completions: list[list[str]], *, model_i
     """Feedback-service items: distinct answers per prompt (at least two), with their provenance."""
     items = []
     for prompt, answers in zip(prompts, completions):
-        distinct = list(dict.fromkeys(a.strip() for a in answers if a.strip()))
+        # NUL cannot be stored (PostgreSQL text refuses it; the service rejects it): a model can emit it, so drop it here.
+        cleaned = (a.replace("\x00", "").strip() for a in answers)
+        distinct = list(dict.fromkeys(a for a in cleaned if a))
         if len(distinct) < 2:
             continue
         item: dict[str, Any] = {"answers": [{"text": a, "model_id": model_id, "model_version": model_version,

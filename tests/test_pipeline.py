@@ -254,5 +254,30 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path):
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
         assert "succeeded" in r.stdout.lower()
         assert json.loads((tmp_path / "pipe" / "summary.json").read_text())["artifacts"]["policy"].startswith("ppo-")
+        # PPO alone as a job, its actor/critic/engine as Ray actors on the job's cluster
+        r = subprocess.run([ray, "job", "submit", "--address=http://127.0.0.1:8283", "--working-dir", str(ROOT), "--",
+                            "alignloop", "ppo", "--config", "configs/ppo.yaml", f"model.path={tiny_model}",
+                            f"output_dir={tmp_path / 'ppojob'}", "ray.use_ray=true", "ray.cpus_per_worker=0.5",
+                            "train.max_steps=2", "rollout.prompts_per_step=4", "rollout.max_new_tokens=8",
+                            "algo.num_mini_batches=1", "rollout.engine=hf"],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
+        assert (tmp_path / "ppojob" / "ppo" / "final" / "critic" / "config.json").exists()
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_demo_command_on_tiny_models(tiny_model, tiny_data, tmp_path):
+    """``alignloop demo`` is the pipeline plus a token for a person on the web page; here on a tiny config."""
+    cfg = pipeline_config(tiny_model, tiny_data, tmp_path, launcher="process", engine="hf")
+    cfg["run_name"] = "demo"
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    r = alignloop("demo", "--config", str(tmp_path / "demo.yaml"), "--fresh")
+    assert "labeler web page: http://127.0.0.1:" in r.stdout and "sign in with token" in r.stdout
+    assert "answers with the preferred property" in r.stdout and "KL(after || before)" in r.stdout
+    res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert res["decision"]["gates_pass"] is True and res["export"]["rows"] > 0
+    assert (tmp_path / "demo" / "reward_calibration.png").exists()
+    # the person's token works on the labeler API of the service the demo ran (its data stays on disk)
+    tokens = json.loads((tmp_path / "demo" / "feedback" / "labeler_tokens.json").read_text())
+    assert set(tokens) >= {"you", "sim-1", "sim-2"}

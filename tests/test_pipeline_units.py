@@ -165,3 +165,14 @@ def test_labelers_rank_by_hidden_preference():
 def test_concise_property():
     assert concise_property("q", "short answer") and not concise_property("q", "")
     assert not concise_property("q", " ".join(["w"] * 31))
+
+
+def test_candidate_items_merge_duplicates_and_drop_nul():
+    from alignloop.feedback_link import candidate_items
+
+    items = candidate_items(["q1", [{"role": "user", "content": "q2"}], "q3"],
+                            [["a", " a ", "b\x00c"], ["x", "y"], ["same", "same"]],
+                            model_id="sft-1", model_version="1", sampling={"temperature": 1.0})
+    assert len(items) == 2  # q3 has one distinct answer: not an item
+    assert [a["text"] for a in items[0]["answers"]] == ["a", "bc"] and items[0]["prompt"] == "q1"
+    assert items[1]["messages"][-1]["content"] == "q2" and items[1]["answers"][0]["model_id"] == "sft-1"
