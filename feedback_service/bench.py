@@ -1,10 +1,18 @@
 """Load benchmark (not a test): concurrent labeler clients lease items and post rankings against a
 real server process over loopback for a fixed time; reports acknowledged (durable) rankings per
-second and the p50 / p99 latency of the ranking POST and of the whole next+submit cycle.
+second, the p50 / p99 latency of the ranking POST and of the whole next+submit cycle, the load
+average, and how much CPU the server and the load generator used.
 
     python -m feedback_service.bench                      # SQLite in a temporary directory
     python -m feedback_service.bench --db postgresql+psycopg://postgres@127.0.0.1:5432/test
-    python -m feedback_service.bench --clients 32 --seconds 20 --workers 1
+    python -m feedback_service.bench --clients 32 --seconds 20 --workers 2
+
+The load generator is deliberately cheap, so that on a small machine the server gets the CPU: raw
+HTTP/1.1 keep-alive connections on one asyncio (uvloop when present) event loop, one connection
+per labeler, requests written as prebuilt bytes and responses parsed by hand. Every labeler runs
+the real cycle: ``POST /campaigns/{id}/next`` (a durable lease), then
+``POST /items/{id}/rankings`` with a full order of that item's answers (a durable ranking); a
+ranking counts when its 201 arrived. The first ``--warmup`` seconds are not counted.
 """
 
 from __future__ import annotations
@@ -40,51 +48,150 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def _labeler(url: str, token: str, campaign: int, until: float, submit_lat: list[float], cycle_lat: list[float]) -> int:
-    done = 0
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
-        while time.perf_counter() < until:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live children (uvicorn workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children = (task / "children").read_text().split()
+            pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection; ``request`` returns (status, body bytes)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> "_Conn":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer)
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, chunked = 0, False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if not chunked:
+            return status, (await self.reader.readexactly(length) if length else b"")
+        body = b""
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status, body
+            body += data[:-2]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _post(path: str, token: str, body: bytes = b"") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n"
+    if body:
+        head += "Content-Type: application/json\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def _labeler(port: int, token: str, campaign: int, clock: dict, out: dict) -> None:
+    conn = await _Conn.open(port)
+    next_req = _post(f"/api/v1/campaigns/{campaign}/next", token)
+    try:
+        while time.perf_counter() < clock["end"]:
             t0 = time.perf_counter()
-            r = await http.post(f"/api/v1/campaigns/{campaign}/next")
-            if r.status_code == 204:
+            status, body = await conn.request(next_req)
+            if status == 204:
+                out["exhausted"] += 1
                 break
-            a = r.json()
-            ids = [x["id"] for x in a["item"]["answers"]]
+            if status != 200:
+                out["errors"][f"next {status}"] = out["errors"].get(f"next {status}", 0) + 1
+                continue
+            a = json.loads(body)
+            item = a["item"]
+            ranking = json.dumps({"ranking": [x["id"] for x in reversed(item["answers"])]}).encode()
             t1 = time.perf_counter()
-            r = await http.post(f"/api/v1/items/{a['item']['id']}/rankings", json={"ranking": ids[::-1]})
+            status, body = await conn.request(_post(f"/api/v1/items/{item['id']}/rankings", token, ranking))
             t2 = time.perf_counter()
-            if r.status_code in (200, 201):
-                done += 1
-                submit_lat.append(t2 - t1)
-                cycle_lat.append(t2 - t0)
-    return done
+            if status not in (200, 201):
+                out["errors"][f"rank {status}"] = out["errors"].get(f"rank {status}", 0) + 1
+                continue
+            if t0 >= clock["start"] and t2 <= clock["end"]:  # completed inside the measured window
+                out["rankings"] += 1
+                out["submit"].append(t2 - t1)
+                out["cycle"].append(t2 - t0)
+    finally:
+        conn.close()
 
 
-async def _run(url: str, tokens: list[str], campaign: int, seconds: float) -> dict:
-    submit_lat: list[float] = []
-    cycle_lat: list[float] = []
-    start = time.perf_counter()
-    counts = await asyncio.gather(*[_labeler(url, t, campaign, start + seconds, submit_lat, cycle_lat) for t in tokens])
-    elapsed = time.perf_counter() - start
+async def _run(port: int, tokens: list[str], campaign: int, seconds: float, warmup: float, server_pid: int) -> dict:
+    out: dict = {"rankings": 0, "submit": [], "cycle": [], "errors": {}, "exhausted": 0}
+    now = time.perf_counter()
+    clock = {"start": now + warmup, "end": now + warmup + seconds}
+    tasks = [asyncio.create_task(_labeler(port, t, campaign, clock, out)) for t in tokens]
+    await asyncio.sleep(max(0.0, clock["start"] - time.perf_counter()))
+    cpu0, srv0, t0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    load0 = os.getloadavg()[0]
+    await asyncio.sleep(max(0.0, clock["end"] - time.perf_counter()))
+    cpu1, srv1, t1 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    load1 = os.getloadavg()[0]
+    await asyncio.gather(*tasks)
+    elapsed = t1 - t0
     return {
-        "rankings": sum(counts),
+        "rankings": out["rankings"],
         "seconds": round(elapsed, 2),
-        "rankings_per_s": round(sum(counts) / elapsed, 1),
-        "submit_p50_ms": round(_pct(submit_lat, 0.50) * 1000, 2),
-        "submit_p99_ms": round(_pct(submit_lat, 0.99) * 1000, 2),
-        "cycle_p50_ms": round(_pct(cycle_lat, 0.50) * 1000, 2),
-        "cycle_p99_ms": round(_pct(cycle_lat, 0.99) * 1000, 2),
+        "rankings_per_s": round(out["rankings"] / elapsed, 1),
+        "submit_p50_ms": round(_pct(out["submit"], 0.50) * 1000, 2),
+        "submit_p99_ms": round(_pct(out["submit"], 0.99) * 1000, 2),
+        "cycle_p50_ms": round(_pct(out["cycle"], 0.50) * 1000, 2),
+        "cycle_p99_ms": round(_pct(out["cycle"], 0.99) * 1000, 2),
+        "server_cpu": round((srv1 - srv0) / elapsed, 2),  # cores the server used on average
+        "client_cpu": round((cpu1 - cpu0) / elapsed, 2),  # cores this load generator used
+        "server_cpu_ms_per_ranking": round(1000 * (srv1 - srv0) / max(1, out["rankings"]), 3),
+        "client_cpu_ms_per_ranking": round(1000 * (cpu1 - cpu0) / max(1, out["rankings"]), 3),
+        "load_avg_1m": [round(load0, 2), round(load1, 2)],
+        "errors": out["errors"],
+        "exhausted_clients": out["exhausted"],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m feedback_service.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--db", help="database URL (default: SQLite in a temporary directory)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent labeler clients")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--items", type=int, default=20000)
+    p.add_argument("--clients", type=int, default=32, help="concurrent labeler clients (one connection each)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured time")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured time")
+    p.add_argument("--items", type=int, default=40000)
+    p.add_argument("--overlap", type=int, default=1, help="labelers per item")
     p.add_argument("--workers", type=int, default=1, help="server processes")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for the server command (repeatable)")
     args = p.parse_args(argv)
+
+    try:
+        import uvloop  # noqa: PLC0415
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = asyncio.new_event_loop
 
     tmp = Path(tempfile.mkdtemp(prefix="fs-bench-"))
     schema = None
@@ -99,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGNLOOP_ADMIN_TOKEN": ADMIN}
-    cmd = [sys.executable, "-m", "feedback_service", "--db", db, "--port", str(port), "--no-request-log", "--log-level", "warning", "--workers", str(args.workers)]
+    cmd = [sys.executable, "-m", "feedback_service", "--db", db, "--port", str(port), "--no-request-log", "--log-level", "warning", "--workers", str(args.workers), *args.server_arg]
     server = subprocess.Popen(cmd, env=env)
     try:
         for _ in range(600):
@@ -108,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
-        c = admin.post("/api/v1/campaigns", json={"name": "bench", "overlap": 1}).json()
+        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=300)
+        c = admin.post("/api/v1/campaigns", json={"name": "bench", "overlap": args.overlap}).json()
         lines = [
             json.dumps({"prompt": f"bench prompt {k}", "answers": [{"text": f"answer {k}.{j}", "model_id": "bench"} for j in range(3)]})
             for k in range(args.items)
@@ -117,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in range(0, len(lines), 5000):
             admin.post(f"/api/v1/campaigns/{c['id']}/items/bulk", content="\n".join(lines[chunk : chunk + 5000]), headers={"Content-Type": "application/x-ndjson"}).raise_for_status()
         tokens = [admin.post("/api/v1/labelers", json={"name": f"bench{k}"}).json()["token"] for k in range(args.clients)]
-        result = asyncio.run(_run(url, tokens, c["id"], args.seconds))
+        print(f"bench: server pid {server.pid}, {args.items} items, {args.clients} clients, load starts", file=sys.stderr, flush=True)
+        loop = loop_factory()
+        try:
+            result = loop.run_until_complete(_run(port, tokens, c["id"], args.seconds, args.warmup, server.pid))
+        finally:
+            loop.close()
         stats = admin.get(f"/api/v1/campaigns/{c['id']}/stats").json()
-        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "workers": args.workers, "stored": stats["rankings"]})
+        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "workers": args.workers, "overlap": args.overlap, "stored_total": stats["rankings"], "cpus": os.cpu_count()})
         print(json.dumps(result))
     finally:
         server.send_signal(signal.SIGTERM)
