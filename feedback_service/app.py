@@ -15,6 +15,7 @@ from feedback_service import __version__, service
 from feedback_service.api.routes import router, system
 from feedback_service.config import Settings
 from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
+from feedback_service.deps import ActorCache
 from feedback_service.errors import ServiceError
 from feedback_service.writer import Writer
 from feedback_service.observability import BodyLimit, Metrics, RequestObserver, log
@@ -44,12 +45,13 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     app.state.read_engine = make_engine(settings.db_url, read_only=True) if engine.dialect.name == "sqlite" else engine
     app.state.read_sessionmaker = make_sessionmaker(app.state.read_engine)
     app.state.writer = Writer(factory, group_commit=engine.dialect.name == "sqlite")
+    app.state.actor_cache = ActorCache()
 
     app.state.metrics = Metrics()
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(IntegrityError)
     async def _integrity_error(_: Request, exc: IntegrityError) -> JSONResponse:

@@ -9,10 +9,12 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from feedback_service import service
 from feedback_service.config import Settings
 from feedback_service.models import ApiToken, Labeler
+from feedback_service.security import hash_token
 from feedback_service.writer import Writer
 
 Clock = Callable[[], datetime]
@@ -90,3 +92,53 @@ async def get_admin(user: CurrentUser) -> Labeler:
 
 
 AdminUser = Annotated[Labeler, Depends(get_admin)]
+
+
+class ActorCache:
+    """token hash -> ``Actor`` (labeler id, role, token id) for the hot write paths.
+
+    Only an optimisation of the lookup, never of the check: a hit says who a token belonged to,
+    and every unit that uses it re-checks in its own write transaction that the token is still
+    live (``service.check_actor``), so a revoked token is refused at once, by every worker process.
+    Revocations in this process also empty the cache. A token's labeler and role never change.
+    """
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.max_entries = max_entries
+        self._by_hash: dict[str, service.Actor] = {}
+
+    def get(self, token_hash: str) -> service.Actor | None:
+        return self._by_hash.get(token_hash)
+
+    def put(self, token_hash: str, actor: service.Actor) -> None:
+        if len(self._by_hash) >= self.max_entries:
+            self._by_hash.clear()
+        self._by_hash[token_hash] = actor
+
+    def clear(self) -> None:
+        self._by_hash.clear()
+
+
+def _lookup_actor(request: Request, token_hash: str) -> service.Actor | None:
+    with request.app.state.read_engine.connect() as conn:
+        return service.actor_for_token_hash(conn, token_hash)
+
+
+async def get_actor(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> service.Actor:
+    """The caller of a hot write route (lease, rank, skip), without a database round trip when
+    the token was seen before; the route's unit then checks it is still live (``ActorCache``)."""
+    if creds is None or not creds.credentials:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    token_hash = hash_token(creds.credentials)
+    cache: ActorCache = request.app.state.actor_cache
+    actor = cache.get(token_hash)
+    if actor is None:
+        actor = await run_in_threadpool(_lookup_actor, request, token_hash)
+        if actor is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+        cache.put(token_hash, actor)
+    request.state.labeler_id = actor.id  # for the request log line
+    return actor
+
+
+ActorDep = Annotated[service.Actor, Depends(get_actor)]

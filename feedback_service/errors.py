@@ -7,6 +7,7 @@ from typing import Any
 
 class ServiceError(Exception):
     status_code = 400
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: Any) -> None:
         super().__init__(detail)
@@ -15,6 +16,11 @@ class ServiceError(Exception):
 
 class NotFound(ServiceError):
     status_code = 404
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ServiceError):

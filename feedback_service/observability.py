@@ -3,11 +3,12 @@ structured JSON logs, one line per request."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -66,13 +67,17 @@ class RequestObserver:
 
     def __init__(self, app: ASGIApp, metrics: Metrics, log_requests: bool = True) -> None:
         self.app, self.metrics, self.log_requests = app, metrics, log_requests
+        # Request ids: a random prefix per process and a counter (no system call per request).
+        self._id_prefix = os.urandom(4).hex()
+        self._ids = itertools.count(1)
+        self._children: dict[tuple[str, str, str], tuple] = {}  # (method, route, status) -> metric children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = uuid.uuid4().hex[:16]
+        request_id = f"{self._id_prefix}{next(self._ids) & 0xFFFFFFFF:08x}"
         status = 500
 
         async def send_wrapped(message: Message) -> None:
@@ -87,8 +92,14 @@ class RequestObserver:
         finally:
             elapsed = time.perf_counter() - start
             route = _route_of(scope)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(elapsed)
+            key = (scope["method"], route, status)
+            children = self._children.get(key)
+            if children is None:  # labels() looks up a child under a lock: do it once per key
+                children = (self.metrics.requests.labels(key[0], route, str(status)), self.metrics.latency.labels(key[0], route))
+                if len(self._children) < 10_000:
+                    self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)
             state = scope.get("state", {})
             if state.get("ranking_stored") and status < 300:
                 self.metrics.rankings.inc()

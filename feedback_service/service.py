@@ -10,26 +10,32 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, exists, func, insert, or_, select, text
+from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, Text, and_, bindparam, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from feedback_service import pairs, quality
-from feedback_service.errors import Conflict, Forbidden, Invalid, NotFound
+from feedback_service.fastsql import Prepared
+from feedback_service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from feedback_service.models import Answer, ApiToken, Assignment, Campaign, Export, ExportRow, Item, Labeler, Ranking
 from feedback_service.schemas import (
+    AnswerPublic,
+    AssignmentPublic,
     CampaignCreate,
     CampaignQuality,
     CampaignStats,
     ExportCreate,
     ItemCreate,
+    ItemPublic,
     ItemsImported,
     LabelerCreate,
     LabelerQuality,
     Progress,
     RankingCreate,
+    RankingPublic,
 )
 from feedback_service.security import display_prefix, hash_token, new_token
 
@@ -205,106 +211,241 @@ def list_items(session: Session, campaign: Campaign, offset: int, limit: int) ->
     return session.scalars(select(Item).where(Item.campaign_id == campaign.id).order_by(Item.id).offset(offset).limit(limit)).all()
 
 
-def get_item_for(session: Session, item_id: int, actor: Labeler, lock: bool = False) -> Item:
+def get_item_for(session: Session, item_id: int, actor: Labeler) -> Item:
     """The item, if ``actor`` may see it: admins see all, labelers only items assigned to them."""
-    q = select(Item).where(Item.id == item_id)
-    if lock and _is_pg(session):
-        q = q.with_for_update()
-    item = session.scalar(q)
+    item = session.scalar(select(Item).where(Item.id == item_id))
     if item is None:
         raise NotFound(f"item {item_id} not found")
-    if actor.role != "admin" and _assignment(session, item.id, actor.id) is None:
+    mine = select(Assignment.id).where(Assignment.item_id == item.id, Assignment.labeler_id == actor.id)
+    if actor.role != "admin" and session.scalar(mine) is None:
         raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
     return item
 
 
-# ---- assignment ----------------------------------------------------------------------------
+# ---- assignment and rankings: the hot paths ------------------------------------------------
+#
+# Lease, rank and skip run for every labeler action. They are written as a few indexed SQLAlchemy
+# Core statements, built once at import and run through ``fastsql.Prepared`` (compiled once per
+# dialect, executed on the transaction's DBAPI cursor), with no ORM identity map, unit of work or
+# lazy loads. They run inside ``Writer`` units (one transaction, or one savepoint of a group
+# commit) and re-check the caller's token there first, so a token revoked by any process is
+# refused in the very transaction that would have written (see ``deps.get_actor``).
 
 
-def _assignment(session: Session, item_id: int, labeler_id: int) -> Assignment | None:
-    return session.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.labeler_id == labeler_id))
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who is calling: enough to authorize a hot-path request without loading ORM rows."""
+
+    id: int
+    role: str
+    token_id: int
 
 
-def _holds_slot(now: datetime):  # noqa: ANN202
-    """An assignment counts against overlap when done, or leased and not yet expired."""
-    return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
+_tokens, _labelers, _campaigns = ApiToken.__table__, Labeler.__table__, Campaign.__table__
+_items, _answers, _assign, _rank = Item.__table__, Answer.__table__, Assignment.__table__, Ranking.__table__
+_now = bindparam("now", type_=DateTime())
+_lab, _iid, _cid = (bindparam(name, type_=BigInteger()) for name in ("lab", "iid", "cid"))
+_overlap = bindparam("overlap", type_=Integer())
+
+_ACTOR_BY_HASH = Prepared(
+    select(_labelers.c.id, _labelers.c.role, _tokens.c.id)
+    .join(_labelers, _labelers.c.id == _tokens.c.labeler_id)
+    .where(_tokens.c.token_hash == bindparam("h"), _tokens.c.revoked_at.is_(None), _labelers.c.active.is_(True))
+)
+_TOKEN_LIVE = Prepared(
+    select(_tokens.c.id)
+    .join(_labelers, _labelers.c.id == _tokens.c.labeler_id)
+    .where(_tokens.c.id == bindparam("tid"), _tokens.c.revoked_at.is_(None), _labelers.c.active.is_(True))
+)
+_CAMPAIGN = Prepared(select(_campaigns.c.overlap, _campaigns.c.lease_seconds).where(_campaigns.c.id == _cid))
 
 
-def _slots_taken(session: Session, item_id: int, now: datetime, exclude_labeler: int | None = None) -> int:
-    q = select(func.count()).select_from(Assignment).where(Assignment.item_id == item_id, _holds_slot(now))
+def _slots_taken_of(item_id, exclude_labeler=None):  # noqa: ANN001, ANN202
+    """Assignments of the item that count against overlap: done, or leased and not yet expired."""
+    a = _assign.alias("slot")
+    q = select(func.count()).select_from(a).where(a.c.item_id == item_id, or_(a.c.status == "done", and_(a.c.status == "leased", a.c.expires_at > _now)))
     if exclude_labeler is not None:
-        q = q.where(Assignment.labeler_id != exclude_labeler)
-    return session.scalar(q) or 0
+        q = q.where(a.c.labeler_id != exclude_labeler)
+    return q.scalar_subquery()
 
 
-def next_assignment(session: Session, campaign: Campaign, labeler: Labeler, now: datetime) -> tuple[Assignment, Item] | None:
+_CURRENT = Prepared(
+    select(_assign.c.id, _assign.c.item_id, _assign.c.expires_at)
+    .where(_assign.c.labeler_id == _lab, _assign.c.campaign_id == _cid, _assign.c.status == "leased", _assign.c.expires_at > _now)
+    .order_by(_assign.c.id)
+    .limit(1)
+)
+
+
+def _pick(exclude_tried: bool, skip_locked: bool):  # noqa: ANN202
+    """The open item of the campaign with the lowest id that this labeler has not ranked, skipped
+    or currently leased and that has a free slot, with this labeler's (expired) lease on it, if
+    any. PostgreSQL locks the item row (skipping rows other requests are locking right now, so no
+    thundering herd on the lowest id); SQLite ignores FOR UPDATE, its transaction holds the write
+    lock. ``exclude_tried``: also not the ids in the expanding ``tried`` (a rare retry)."""
+    mine = _assign.alias("mine")
+    q = (
+        select(_items.c.id, mine.c.id)
+        .select_from(_items.outerjoin(mine, and_(mine.c.item_id == _items.c.id, mine.c.labeler_id == _lab)))
+        .where(
+            _items.c.campaign_id == _cid,
+            _items.c.complete.is_(False),
+            or_(mine.c.id.is_(None), and_(mine.c.status == "leased", mine.c.expires_at <= _now)),  # an expired lease of mine may come back
+            _slots_taken_of(_items.c.id) < _overlap,
+        )
+    )
+    if exclude_tried:
+        q = q.where(_items.c.id.not_in(bindparam("tried", expanding=True)))
+    return q.order_by(_items.c.id).limit(1).with_for_update(of=_items, skip_locked=skip_locked)
+
+
+_PICK = Prepared(_pick(False, True))
+_PICK_WAIT = Prepared(_pick(False, False))
+_PICK_RETRY = (_pick(True, True), _pick(True, False))  # expanding IN: run through Connection.execute
+# The lease is written only if the item still has a free slot, counted in this statement: on
+# PostgreSQL (READ COMMITTED) it sees every lease committed before it, and the item row lock taken
+# by the pick keeps new ones out until this transaction ends.
+_NEW_LEASE = Prepared(
+    insert(_assign)
+    .from_select(
+        ["item_id", "labeler_id", "campaign_id", "status", "leased_at", "expires_at"],
+        select(_iid, _lab, _cid, literal("leased", String), _now, bindparam("expires", type_=DateTime)).where(_slots_taken_of(_iid) < _overlap),
+    )
+    .returning(_assign.c.id)
+)
+_RENEW_LEASE = Prepared(
+    update(_assign)
+    .where(_assign.c.id == bindparam("aid", type_=BigInteger()), _assign.c.status == "leased", _assign.c.expires_at <= _now, _slots_taken_of(_iid) < _overlap)
+    .values(leased_at=_now, expires_at=bindparam("expires"))
+)
+_ITEM_PUBLIC = Prepared(select(_items.c.id, _items.c.campaign_id, _items.c.prompt, _items.c.messages, _items.c.created_at).where(_items.c.id == _iid))
+_ANSWERS_PUBLIC = Prepared(
+    select(_answers.c.id, _answers.c.text, _answers.c.model_id, _answers.c.model_version, _answers.c.sampling)
+    .where(_answers.c.item_id == _iid)
+    .order_by(_answers.c.position)
+)
+_ANSWER_IDS = Prepared(select(_answers.c.id).where(_answers.c.item_id == _iid))
+_SET_STATUS = Prepared(update(_assign).where(_assign.c.id == bindparam("aid", type_=BigInteger())).values(status=bindparam("status")))
+# The item, with the caller's assignment and ranking of it (if any), in one statement; on
+# PostgreSQL the item row is locked, which serializes every check-then-write on that item.
+_ITEM_CONTEXT = Prepared(
+    select(
+        _items.c.campaign_id,
+        _assign.c.id,
+        _assign.c.status,
+        _assign.c.expires_at,
+        _rank.c.id,
+        _rank.c.ranking,
+        _rank.c.rationale,
+        _rank.c.created_at,
+    )
+    .select_from(
+        _items.outerjoin(_assign, and_(_assign.c.item_id == _items.c.id, _assign.c.labeler_id == _lab)).outerjoin(
+            _rank, and_(_rank.c.item_id == _items.c.id, _rank.c.labeler_id == _lab)
+        )
+    )
+    .where(_items.c.id == _iid)
+    .with_for_update(of=_items)
+)
+_SLOTS_OTHERS = Prepared(select(_slots_taken_of(_iid, exclude_labeler=_lab)))
+_NEW_RANKING = Prepared(
+    insert(_rank)
+    .values(item_id=_iid, labeler_id=_lab, campaign_id=_cid, ranking=bindparam("ranking", type_=_rank.c.ranking.type), rationale=bindparam("rationale", type_=Text()), created_at=_now)
+    .returning(_rank.c.id)
+)
+# Set once the item has `overlap` rankings (rankings are final), under the item's lock (PostgreSQL)
+# or the write lock (SQLite).
+_MARK_COMPLETE = Prepared(
+    update(_items)
+    .where(_items.c.id == _iid, select(func.count()).select_from(_rank).where(_rank.c.item_id == _iid).scalar_subquery() >= _overlap)
+    .values(complete=True)
+)
+
+
+def actor_for_token_hash(conn: Connection, token_hash: str) -> Actor | None:
+    row = _ACTOR_BY_HASH.first(conn, h=token_hash)
+    return Actor(row[0], row[1], row[2]) if row else None
+
+
+def check_actor(conn: Connection, actor: Actor) -> None:
+    """Refuse a token revoked (or a labeler deactivated) since the caller was authenticated."""
+    if _TOKEN_LIVE.first(conn, tid=actor.token_id) is None:
+        raise Unauthorized("invalid or revoked token")
+
+
+def _campaign_settings(conn: Connection, campaign_id: int) -> tuple[int, int]:
+    row = _CAMPAIGN.first(conn, cid=campaign_id)
+    if row is None:
+        raise NotFound(f"campaign {campaign_id} not found")
+    return row[0], row[1]
+
+
+def _lease_public(conn: Connection, assignment_id: int, campaign_id: int, expires: datetime, item_id: int) -> AssignmentPublic:
+    item = _ITEM_PUBLIC.first(conn, iid=item_id)
+    answers = [
+        AnswerPublic.model_construct(id=a[0], text=a[1], model_id=a[2], model_version=a[3], sampling=a[4]) for a in _ANSWERS_PUBLIC.all(conn, iid=item_id)
+    ]
+    public = ItemPublic.model_construct(id=item[0], campaign_id=item[1], prompt=item[2], messages=item[3], answers=answers, created_at=item[4])
+    return AssignmentPublic.model_construct(assignment_id=assignment_id, campaign_id=campaign_id, lease_expires_at=expires, item=public)
+
+
+def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datetime) -> AssignmentPublic | None:
     """The labeler's current lease in this campaign, else a new lease on an item they have not
     ranked or skipped whose overlap is not yet taken; None when there is nothing left for them."""
-    current = session.scalar(
-        select(Assignment)
-        .where(Assignment.labeler_id == labeler.id, Assignment.campaign_id == campaign.id, Assignment.status == "leased", Assignment.expires_at > now)
-        .order_by(Assignment.id)
-        .limit(1)
-    )
+    check_actor(conn, actor)
+    overlap, lease_seconds = _campaign_settings(conn, campaign_id)
+    current = _CURRENT.first(conn, lab=actor.id, cid=campaign_id, now=now)
     if current is not None:
-        return current, session.get_one(Item, current.item_id)
-
-    taken = select(func.count()).select_from(Assignment).where(Assignment.item_id == Item.id, _holds_slot(now)).scalar_subquery()
-    mine = exists().where(
-        Assignment.item_id == Item.id,
-        Assignment.labeler_id == labeler.id,
-        or_(Assignment.status != "leased", Assignment.expires_at > now),  # an expired lease of mine may come back
-    )
+        return _lease_public(conn, current[0], campaign_id, current[2], current[1])
+    params = {"cid": campaign_id, "lab": actor.id, "now": now, "overlap": overlap}
+    expires = now + timedelta(seconds=lease_seconds)
     tried: list[int] = []
     for _ in range(64):
-        # PostgreSQL: lock the candidate row, skipping rows other requests are locking right now
-        # (no thundering herd on the lowest id); then recount under the lock, since the filter
-        # ran on a snapshot. SQLite: the transaction already holds the database write lock.
-        q = select(Item.id).where(Item.campaign_id == campaign.id, Item.complete.is_(False), ~mine, taken < campaign.overlap)
-        if tried:
-            q = q.where(Item.id.not_in(tried))
-        q = q.order_by(Item.id).limit(1)
-        item_id = session.scalar(q.with_for_update(of=Item, skip_locked=True))
-        if item_id is None:  # every candidate is locked by a request in flight: wait for one
-            item_id = session.scalar(q.with_for_update(of=Item))
-        if item_id is None:
+        if not tried:
+            found = _PICK.first(conn, **params) or _PICK_WAIT.first(conn, **params)
+        else:  # every candidate so far was taken under our feet: look further, waiting for locks if need be
+            skip_locked, wait = _PICK_RETRY
+            found = conn.execute(skip_locked, {**params, "tried": tried}).first() or conn.execute(wait, {**params, "tried": tried}).first()
+        if found is None:
             return None
+        item_id, my_expired_lease = found
         tried.append(item_id)
-        if _slots_taken(session, item_id, now) >= campaign.overlap:
-            continue
-        expires = now + timedelta(seconds=campaign.lease_seconds)
-        row = _assignment(session, item_id, labeler.id)
-        if row is not None:
-            if row.status != "leased" or row.expires_at > now:
-                continue  # taken by a concurrent request of the same labeler
-            row.leased_at, row.expires_at = now, expires
+        if my_expired_lease is None:
+            assignment_id = _NEW_LEASE.scalar(conn, iid=item_id, lab=actor.id, cid=campaign_id, now=now, expires=expires, overlap=overlap)
+        elif _RENEW_LEASE.execute(conn, aid=my_expired_lease, iid=item_id, now=now, expires=expires, overlap=overlap) == 1:
+            assignment_id = my_expired_lease
         else:
-            row = Assignment(item_id=item_id, labeler_id=labeler.id, campaign_id=campaign.id, status="leased", leased_at=now, expires_at=expires)
-            session.add(row)
-        session.flush()
-        return row, session.get_one(Item, item_id)
+            assignment_id = None
+        if assignment_id is not None:
+            return _lease_public(conn, assignment_id, campaign_id, expires, item_id)
     return None
 
 
-def skip_item(session: Session, item_id: int, labeler: Labeler, now: datetime) -> None:
-    item = get_item_for(session, item_id, labeler, lock=True)
-    row = _assignment(session, item.id, labeler.id)
-    if row is None:
+def _item_context(conn: Connection, item_id: int, actor: Actor) -> tuple:
+    """(campaign_id, assignment id, status, expires_at, ranking id, ranking, rationale,
+    created_at) for the item and the caller; 404 unless the caller may see the item."""
+    ctx = _ITEM_CONTEXT.first(conn, iid=item_id, lab=actor.id)
+    if ctx is None or (actor.role != "admin" and ctx[1] is None):
+        raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
+    return ctx
+
+
+def skip_item(conn: Connection, item_id: int, actor: Actor, now: datetime) -> None:
+    check_actor(conn, actor)
+    _, assignment_id, status, *_ = _item_context(conn, item_id, actor)
+    if assignment_id is None:
         raise Conflict(f"item {item_id} is not assigned to you")
-    if row.status == "done":
+    if status == "done":
         raise Conflict(f"you already ranked item {item_id}")
-    row.status = "skipped"
-
-
-# ---- rankings ------------------------------------------------------------------------------
+    _SET_STATUS.execute(conn, aid=assignment_id, status="skipped")
 
 
 def _normalize(groups: list[list[int]]) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def validate_ranking(item: Item, groups: list[list[int]]) -> None:
-    expected = {a.id for a in item.answers}
+def validate_ranking(item_id: int, answer_ids: Iterable[int], groups: list[list[int]]) -> None:
+    expected = set(answer_ids)
     seen: list[int] = [a for g in groups for a in g]
     problems = []
     dupes = sorted({a for a in seen if seen.count(a) > 1})
@@ -312,7 +453,7 @@ def validate_ranking(item: Item, groups: list[list[int]]) -> None:
         problems.append(f"answer ids listed more than once: {dupes}")
     unknown = sorted(set(seen) - expected)
     if unknown:
-        problems.append(f"not answers of item {item.id}: {unknown}")
+        problems.append(f"not answers of item {item_id}: {unknown}")
     missing = sorted(expected - set(seen))
     if missing:
         problems.append(f"missing answer ids: {missing}")
@@ -321,32 +462,32 @@ def validate_ranking(item: Item, groups: list[list[int]]) -> None:
         raise Invalid(["body", "ranking"], msg, "ranking_invalid")
 
 
-def submit_ranking(session: Session, item_id: int, labeler: Labeler, data: RankingCreate, now: datetime) -> tuple[Ranking, bool]:
+def submit_ranking(conn: Connection, item_id: int, actor: Actor, data: RankingCreate, now: datetime) -> tuple[RankingPublic, bool]:
     """Store a ranking; (ranking, created). Re-posting the same ranking returns the stored one."""
-    item = get_item_for(session, item_id, labeler, lock=True)
+    check_actor(conn, actor)
+    campaign_id, assignment_id, status, expires_at, ranking_id, stored, rationale, created_at = _item_context(conn, item_id, actor)
     groups = _normalize(data.groups())
-    validate_ranking(item, groups)
-    existing = session.scalar(select(Ranking).where(Ranking.item_id == item.id, Ranking.labeler_id == labeler.id))
-    if existing is not None:
-        if existing.ranking == groups and existing.rationale == data.rationale:
-            return existing, False
-        raise Conflict(f"you already ranked item {item.id} differently (ranking {existing.id}); rankings are final")
-    row = _assignment(session, item.id, labeler.id)
-    if row is None:
-        raise Conflict(f"item {item.id} is not assigned to you: ask for the next item first")
-    if row.status == "skipped":
-        raise Conflict(f"you skipped item {item.id}")
-    if row.expires_at <= now:
-        overlap = session.get_one(Campaign, item.campaign_id).overlap
-        if _slots_taken(session, item.id, now, exclude_labeler=labeler.id) >= overlap:
-            raise Conflict(f"your lease on item {item.id} expired and the item went to other labelers")
-    row.status = "done"
-    ranking = Ranking(item_id=item.id, labeler_id=labeler.id, campaign_id=item.campaign_id, ranking=groups, rationale=data.rationale, created_at=now)
-    session.add(ranking)
-    session.flush()
-    overlap = session.get_one(Campaign, item.campaign_id).overlap
-    if session.scalar(select(func.count()).select_from(Ranking).where(Ranking.item_id == item.id)) >= overlap:
-        item.complete = True  # under the item's lock (PostgreSQL) or the write lock (SQLite)
+    validate_ranking(item_id, (r[0] for r in _ANSWER_IDS.all(conn, iid=item_id)), groups)
+    if ranking_id is not None:
+        if stored == groups and rationale == data.rationale:
+            same = RankingPublic.model_construct(
+                id=ranking_id, item_id=item_id, campaign_id=campaign_id, labeler_id=actor.id, ranking=stored, rationale=rationale, created_at=created_at
+            )
+            return same, False
+        raise Conflict(f"you already ranked item {item_id} differently (ranking {ranking_id}); rankings are final")
+    if assignment_id is None:
+        raise Conflict(f"item {item_id} is not assigned to you: ask for the next item first")
+    if status == "skipped":
+        raise Conflict(f"you skipped item {item_id}")
+    overlap = _campaign_settings(conn, campaign_id)[0]
+    if expires_at <= now and _SLOTS_OTHERS.scalar(conn, iid=item_id, now=now, lab=actor.id) >= overlap:
+        raise Conflict(f"your lease on item {item_id} expired and the item went to other labelers")
+    _SET_STATUS.execute(conn, aid=assignment_id, status="done")
+    new_id = _NEW_RANKING.scalar(conn, iid=item_id, lab=actor.id, cid=campaign_id, ranking=groups, rationale=data.rationale, now=now)
+    _MARK_COMPLETE.execute(conn, iid=item_id, overlap=overlap)
+    ranking = RankingPublic.model_construct(
+        id=new_id, item_id=item_id, campaign_id=campaign_id, labeler_id=actor.id, ranking=groups, rationale=data.rationale, created_at=now
+    )
     return ranking, True
 
 
@@ -415,6 +556,11 @@ def stats(session: Session, campaign: Campaign, now: datetime, since_watermark: 
         max_ranking_id=max_id,
         rankings_since=since,
     )
+
+
+def _holds_slot(now: datetime):  # noqa: ANN202
+    """An assignment counts against overlap when done, or leased and not yet expired."""
+    return or_(Assignment.status == "done", and_(Assignment.status == "leased", Assignment.expires_at > now))
 
 
 def queue_depth(session: Session, campaign: Campaign, now: datetime) -> int:

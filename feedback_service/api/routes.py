@@ -8,13 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ValidationError
 
 from feedback_service import __version__, service
 from feedback_service.db import current_revision
-from feedback_service.deps import AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep, WriterDep
+from feedback_service.deps import ActorDep, AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from feedback_service.errors import Invalid
+from feedback_service.writer import Writer
 from feedback_service.schemas import (
     AssignmentPublic,
     CampaignCreate,
@@ -119,14 +119,16 @@ def list_tokens(labeler_id: IdPath, session: ReadSessionDep, _: AdminUser) -> li
 
 
 @router.post("/labelers/{labeler_id}/deactivate", response_model=LabelerPublic, tags=["labelers"])
-def deactivate_labeler(labeler_id: IdPath, session: SessionDep, clock: ClockDep, _: AdminUser) -> LabelerPublic:
+def deactivate_labeler(labeler_id: IdPath, session: SessionDep, clock: ClockDep, request: Request, _: AdminUser) -> LabelerPublic:
     """Deactivate a labeler and revoke all its tokens; its rankings stay."""
+    request.app.state.actor_cache.clear()  # the hot routes re-check tokens anyway; this frees memory
     return LabelerPublic.model_validate(service.deactivate_labeler(session, labeler_id, clock()), from_attributes=True)
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenPublic, tags=["labelers"])
-def revoke_token(token_id: IdPath, session: SessionDep, clock: ClockDep, user: CurrentUser) -> TokenPublic:
+def revoke_token(token_id: IdPath, session: SessionDep, clock: ClockDep, request: Request, user: CurrentUser) -> TokenPublic:
     """Revoke a token (admins: any; labelers: their own). Refused from the next request on."""
+    request.app.state.actor_cache.clear()  # the hot routes re-check tokens anyway; this frees memory
     return TokenPublic.model_validate(service.revoke_token(session, token_id, user, clock()), from_attributes=True)
 
 
@@ -210,36 +212,36 @@ def get_item(item_id: IdPath, session: ReadSessionDep, user: CurrentUser) -> Ite
 # ---- assignment and rankings ---------------------------------------------------------------
 
 
+# The three hot routes are async and hand their work to the writer (group commit on SQLite): no
+# worker thread is held while a batch commits. Their answer is serialized here, from the public
+# model the unit built, and is sent only after the commit returned (durable before the 2xx).
+
+
+def _writer(request: Request) -> Writer:
+    return request.app.state.writer
+
+
+def _json(model: BaseModel, status_code: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
 @router.post(
     "/campaigns/{campaign_id}/next",
     response_model=AssignmentPublic,
     responses={204: {"description": "nothing left for this labeler"}},
     tags=["labeling"],
 )
-def next_item(campaign_id: IdPath, writer: WriterDep, clock: ClockDep, user: CurrentUser) -> AssignmentPublic | Response:
+async def next_item(campaign_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
     now = clock()
-
-    def unit(session: Session) -> AssignmentPublic | None:
-        found = service.next_assignment(session, service.get_campaign(session, campaign_id), user, now)
-        if found is None:
-            return None
-        assignment, item = found
-        return AssignmentPublic(
-            assignment_id=assignment.id,
-            campaign_id=assignment.campaign_id,
-            lease_expires_at=assignment.expires_at,
-            item=ItemPublic.model_validate(item, from_attributes=True),
-        )
-
-    out = writer.run(unit)
-    return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else out
+    out = await _writer(request).submit(lambda session: service.next_assignment(session.connection(), campaign_id, actor, now))
+    return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else _json(out)
 
 
 @router.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"])
-def skip(item_id: IdPath, writer: WriterDep, clock: ClockDep, user: CurrentUser) -> SkipPublic:
+async def skip(item_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> SkipPublic:
     now = clock()
-    writer.run(lambda session: service.skip_item(session, item_id, user, now))
+    await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
     return SkipPublic(item_id=item_id, status="skipped")
 
 
@@ -250,23 +252,13 @@ def skip(item_id: IdPath, writer: WriterDep, clock: ClockDep, user: CurrentUser)
     responses={200: {"model": RankingPublic, "description": "the same ranking was already stored (idempotent replay)"}},
     tags=["labeling"],
 )
-def submit_ranking(
-    item_id: IdPath, body: RankingCreate, writer: WriterDep, clock: ClockDep, user: CurrentUser, request: Request, response: Response
-) -> RankingPublic:
+async def submit_ranking(item_id: IdPath, body: RankingCreate, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
     """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
     now = clock()
-
-    def unit(session: Session) -> tuple[RankingPublic, bool]:
-        ranking, created = service.submit_ranking(session, item_id, user, body, now)
-        session.flush()  # ranking.id and defaults are known before we copy them out
-        return RankingPublic.model_validate(ranking, from_attributes=True), created
-
-    ranking, created = writer.run(unit)
+    ranking, created = await _writer(request).submit(lambda session: service.submit_ranking(session.connection(), item_id, actor, body, now))
     if created:
         request.state.ranking_stored = True
-    else:
-        response.status_code = status.HTTP_200_OK
-    return ranking
+    return _json(ranking, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 @router.get("/rankings", response_model=list[RankingPublic], tags=["labeling"])
