@@ -32,7 +32,14 @@ class RewardDataConfig(Section):
     eval: str | None = Field(None, description="held-out rows (same formats); default: split eval_fraction off train")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of train held out for eval when data.eval is unset")
     max_length: int = Field(512, gt=1, description="tokens per conversation after the chat template (longer ones lose their oldest tokens)")
-    packing: bool = Field(True, description="padding-free batches: a micro-batch's sequences in one row, no pad tokens computed")
+    packing: bool | Literal["auto"] = Field("auto", description="true: a micro-batch's sequences in one row (no pad tokens, a "
+                                            "block-diagonal mask); false: right-padded rows; auto: packed only with "
+                                            "attn_implementation=flash_attention_2 (varlen kernels), else padded")
+    shared_prefix: bool = Field(True, description="compute the history a row's answers share once per row (each answer "
+                                "attends to it through the attention mask); a micro-batch uses it only when that computes "
+                                "fewer token positions; not with flash_attention_2")
+    truncation: Literal["pair", "each"] = Field("pair", description="pair: a too-long row's answers lose the same oldest "
+                                                "history tokens (they keep one context); each: every conversation is cut on its own")
     limit: int | None = Field(None, gt=0, description="use only the first N training rows (after the eval split)")
     eval_limit: int | None = Field(None, gt=0, description="evaluate on at most N held-out rows")
 
@@ -41,6 +48,20 @@ class RewardDataConfig(Section):
         if (self.train is None) == (self.feedback is None):
             raise ValueError("set exactly one of data.train (a file) and data.feedback (a feedback service)")
         return self
+
+
+def resolve_packing(packing: bool | str, attn_implementation: str) -> bool:
+    """``data.packing``: auto packs only where attention has variable-length kernels (flash-attention):
+    with sdpa/eager a packed row needs a block-diagonal (T x T) mask over the whole micro-batch, which
+    costs more attention work than right padding saves for answers of similar length."""
+    if packing == "auto":
+        return attn_implementation.startswith("flash_attention")
+    return bool(packing)
+
+
+def shared_prefix_supported(attn_implementation: str) -> bool:
+    """The shared-prefix layout needs a custom 4D attention mask (sdpa, eager); flash-attention takes none."""
+    return attn_implementation in ("sdpa", "eager")
 
 
 class LossConfig(Section):

@@ -165,21 +165,58 @@ def render(tok, conversation: list[dict], max_length: int) -> tuple[list[int], b
     The score is read at the last token, so the answer's end is what must survive; a
     too-long history loses its oldest tokens (reported, never silent: see ``truncated``).
     """
-    text = tok.apply_chat_template(conversation, tokenize=False)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = render_ids(tok, conversation)
     if len(ids) > max_length:
         return ids[-max_length:], True
     return ids, False
 
 
-def tokenize_preferences(prefs: list[Preference], tok, max_length: int) -> list[TokenizedPreference]:
+def render_ids(tok, conversation: list[dict]) -> list[int]:
+    text = tok.apply_chat_template(conversation, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    """Tokens at the start that every sequence has in common (their shared history)."""
+    n = 0
+    for column in zip(*seqs):
+        if any(t != column[0] for t in column[1:]):
+            break
+        n += 1
+    return n
+
+
+def truncate_group(seqs: list[list[int]], max_length: int) -> tuple[list[list[int]], bool]:
+    """Cut the answers of one row to ``max_length`` from the front, *together*.
+
+    The shared history is cut by the same number of tokens in every conversation (as many
+    as the longest one needs, at most the whole shared part), so chosen and rejected are
+    still judged in one and the same context; whatever is still too long (an answer longer
+    than the rest of the budget) then loses its own oldest tokens.
+    """
+    over = max(len(s) for s in seqs) - max_length
+    if over <= 0:
+        return seqs, False
+    cut = min(over, common_prefix_len(seqs))
+    return [s[cut:][-max_length:] for s in seqs], True
+
+
+def tokenize_preferences(prefs: list[Preference], tok, max_length: int,
+                         truncation: str = "pair") -> list[TokenizedPreference]:
+    """Token ids of every answer's conversation. ``truncation``: ``pair`` cuts the answers of a row
+    together (:func:`truncate_group`), ``each`` cuts every conversation on its own (:func:`render`)."""
+    if truncation not in ("pair", "each"):
+        raise ValueError(f"truncation must be 'pair' or 'each', got {truncation!r}")
     out = []
     for p in prefs:
-        seqs, cut = [], False
-        for conv in p.conversations:
-            ids, t = render(tok, conv, max_length)
-            seqs.append(ids)
-            cut = cut or t
+        if truncation == "pair":
+            seqs, cut = truncate_group([render_ids(tok, conv) for conv in p.conversations], max_length)
+        else:
+            seqs, cut = [], False
+            for conv in p.conversations:
+                ids, t = render(tok, conv, max_length)
+                seqs.append(ids)
+                cut = cut or t
         out.append(TokenizedPreference(seqs, p.margin, p.where, cut))
     return out
 

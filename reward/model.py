@@ -40,9 +40,16 @@ def head_init_std(hidden_size: int) -> float:
 class RewardModel(nn.Module):
     """``seq``: an HF sequence-classification model (possibly PEFT-wrapped); ``forward`` returns (N,) rewards.
 
-    Two batch layouts: padded ``input_ids``/``attention_mask`` (N, T), or packed
-    ``input_ids``/``position_ids`` (1, ΣT) with ``ends`` (N,) holding the index of
-    each sequence's last token (padding-free: no pad token is computed).
+    Three batch layouts (built by ``reward.trainer.collate``):
+
+    - padded: ``input_ids``/``attention_mask`` (N, T), one sequence per row;
+    - packed: ``input_ids``/``position_ids`` (1, ΣT) with ``ends`` (N,) holding the index of each
+      sequence's last token (padding-free: no pad token is computed);
+    - shared prefix: ``input_ids``/``position_ids`` (R, W), a 4D boolean ``attention_mask``
+      (R, 1, W, W) (True = may attend) and ``rows``/``ends`` (N,) locating each sequence's last
+      token. A row holds an example's shared history once and each answer after it; an answer's
+      tokens see the history and themselves, never a sibling answer, and their position ids
+      continue from the history, so every answer gets exactly the hidden states it would get alone.
     """
 
     def __init__(self, seq: nn.Module):
@@ -54,7 +61,8 @@ class RewardModel(nn.Module):
         return self.seq.get_base_model() if hasattr(self.seq, "get_base_model") else self.seq
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, ends: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, ends: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         inner = self.inner
         if ends is None:  # padded (N, T)
             position_ids = positions_from_mask(attention_mask)
@@ -62,6 +70,14 @@ class RewardModel(nn.Module):
                                       use_cache=False).last_hidden_state  # (N, T, d)
             idx = last_token_index(attention_mask)  # (N,)
             last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (N, d)
+        elif attention_mask is not None:  # shared prefix (R, W) with a custom (R, 1, W, W) mask
+            mask = attention_mask
+            if inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
+                dtype = inner.score.weight.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            hidden = inner.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state  # (R, W, d)
+            last = hidden[rows, ends]  # (N, d)
         else:  # packed (1, ΣT): the block-diagonal mask comes from position ids restarting at 0
             hidden = inner.base_model(input_ids=input_ids, position_ids=position_ids,
                                       use_cache=False).last_hidden_state  # (1, ΣT, d)

@@ -47,6 +47,7 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification
 
         from alignloop.models import disable_dropout, load_tokenizer, torch_dtype
+        from reward.config import resolve_packing
         from reward.model import RewardModel
 
         if threads:
@@ -64,6 +65,8 @@ class RewardScorer:
         seq = AutoModelForSequenceClassification.from_pretrained(str(self.path), num_labels=1, dtype=torch_dtype(dtype))
         disable_dropout(seq)
         self.model = RewardModel(seq).to(device).eval()
+        # one conversation per answer here: packed rows only where attention has varlen kernels (data.packing=auto)
+        self.packing = resolve_packing("auto", seq.config._attn_implementation)
         self._lock = threading.Lock()  # one forward at a time (torch threads are shared)
 
     def score_conversations(self, conversations: Sequence[list[dict]], normalize: bool | None = None) -> list[float]:
@@ -77,7 +80,7 @@ class RewardScorer:
         with self._lock, torch.no_grad():
             for i in range(0, len(ids), self.batch_size):
                 chunk = [TokenizedPreference([s], None, "") for s in ids[i: i + self.batch_size]]
-                b = collate(chunk, self.tok.pad_token_id, packing=True)
+                b = collate(chunk, self.tok.pad_token_id, packing=self.packing)
                 inputs = {k: v.to(self.device) for k, v in b.model_inputs.items()}
                 out += self.model(**inputs).cpu().tolist()
         if self.normalize if normalize is None else normalize:

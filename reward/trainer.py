@@ -26,8 +26,8 @@ from alignloop.batching import global_batch_indices  # noqa: E402
 from alignloop.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
 from alignloop.strategy import make_strategy, seed_all  # noqa: E402
 from reward import evaluate as E  # noqa: E402
-from reward.config import RewardConfig  # noqa: E402
-from reward.data import TokenizedPreference, as_pairs, read_preferences, tokenize_preferences  # noqa: E402
+from reward.config import RewardConfig, resolve_packing, shared_prefix_supported  # noqa: E402
+from reward.data import TokenizedPreference, as_pairs, common_prefix_len, read_preferences, tokenize_preferences  # noqa: E402
 from reward.losses import LOSSES  # noqa: E402
 from reward.model import load_reward_model  # noqa: E402
 
@@ -70,14 +70,70 @@ def total_steps(cfg: RewardConfig, n_train: int) -> int:
 
 @dataclass
 class Batch:
-    model_inputs: dict[str, torch.Tensor]  # padded (N, T) or packed (1, ΣT) with ends (N,)
+    model_inputs: dict[str, torch.Tensor]  # padded (N, T), packed (1, ΣT) with ends (N,), or shared-prefix rows
     index: torch.Tensor  # (B, K) position of example b's k-th answer among the N sequences
     mask: torch.Tensor  # (B, K) real answers (lists shorter than K are padded)
     margin: torch.Tensor  # (B,) the row's margin, 0 where none was given
-    tokens: int  # real tokens in the batch
+    tokens: int  # real tokens in the batch (of the full conversations)
+    layout: str = "padded"  # padded | packed | shared | shared-packed
+    positions: int = 0  # token positions the forward pass computes (pads and the shared history once included)
 
 
-def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool) -> Batch:
+def shared_prefix_len(seqs: list[list[int]]) -> int:
+    """Leading tokens every answer's conversation shares, leaving each at least its last token of its own."""
+    return min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+
+
+def _shared_rows(examples: list[TokenizedPreference], pad_id: int, packing: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """The shared-prefix layout: each example's shared history once, then each answer's own tokens.
+
+    Per token: the example it belongs to (``seg``) and its branch (0 = shared history, k+1 =
+    answer k). Token i may attend to token j iff j <= i in the row, same example, and j is in
+    the history or in i's own answer: exactly the causal context each conversation has alone.
+    Rows: one per example (right-padded), or the whole micro-batch in one row with ``packing``.
+    """
+    pieces = []  # per example: (ids, positions, branches, ends within the piece)
+    for e in examples:
+        L = shared_prefix_len(e.input_ids)
+        ids, pos, br, ends = list(e.input_ids[0][:L]), list(range(L)), [0] * L, []
+        for k, s in enumerate(e.input_ids):
+            ids += s[L:]
+            pos += range(L, len(s))
+            br += [k + 1] * (len(s) - L)
+            ends.append(len(ids) - 1)
+        pieces.append((ids, pos, br, ends))
+    groups = [list(range(len(pieces)))] if packing else [[b] for b in range(len(pieces))]
+    width = max(sum(len(pieces[b][0]) for b in g) for g in groups)
+    R = len(groups)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, W)
+    pos = torch.zeros((R, width), dtype=torch.long)  # (R, W)
+    seg = torch.full((R, width), -1, dtype=torch.long)  # (R, W) example id, -1 on pads
+    br = torch.zeros((R, width), dtype=torch.long)  # (R, W) branch id
+    rows, ends = [], []
+    for r, g in enumerate(groups):
+        off = 0
+        for b in g:
+            p_ids, p_pos, p_br, p_ends = pieces[b]
+            n = len(p_ids)
+            ids[r, off:off + n] = torch.tensor(p_ids)
+            pos[r, off:off + n] = torch.tensor(p_pos)
+            br[r, off:off + n] = torch.tensor(p_br)
+            seg[r, off:off + n] = b
+            rows += [r] * len(p_ends)
+            ends += [off + x for x in p_ends]
+            off += n
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (W, W) j <= i
+    same = seg[:, :, None] == seg[:, None, :]  # (R, W, W); pads only see pads, never content
+    branch = (br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])  # (R, W, W) history or own answer
+    mask = (causal & same & branch)[:, None]  # (R, 1, W, W); every position sees itself: no empty row
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "rows": torch.tensor(rows),
+              "ends": torch.tensor(ends)}
+    return inputs, R * width
+
+
+def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool, shared_prefix: bool = False) -> Batch:
+    """One micro-batch. ``shared_prefix``: use the shared-history layout when it computes fewer token
+    positions than the plain one (packed or right-padded) would; the rewards are the same either way."""
     seqs = [ids for e in examples for ids in e.input_ids]
     B, K = len(examples), max(len(e.input_ids) for e in examples)
     index = torch.zeros((B, K), dtype=torch.long)
@@ -89,6 +145,13 @@ def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool) -> 
             n += 1
     margin = torch.tensor([e.margin or 0.0 for e in examples], dtype=torch.float32)  # (B,)
     tokens = sum(len(s) for s in seqs)
+    plain = tokens if packing else len(seqs) * max(len(s) for s in seqs)
+    if shared_prefix:
+        widths = [sum(len(s) for s in e.input_ids) - (len(e.input_ids) - 1) * shared_prefix_len(e.input_ids)
+                  for e in examples]
+        if (sum(widths) if packing else B * max(widths)) < plain:
+            inputs, positions = _shared_rows(examples, pad_id, packing)
+            return Batch(inputs, index, mask, margin, tokens, "shared-packed" if packing else "shared", positions)
     if packing:
         flat, pos, ends = [], [], []
         for s in seqs:
@@ -104,7 +167,7 @@ def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool) -> 
             ids[i, : len(s)] = torch.tensor(s)
             am[i, : len(s)] = 1
         inputs = {"input_ids": ids, "attention_mask": am}
-    return Batch(inputs, index, mask, margin, tokens)
+    return Batch(inputs, index, mask, margin, tokens, "packed" if packing else "padded", plain)
 
 
 def pair_counts(r: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, float]:
@@ -131,14 +194,15 @@ def batch_loss(cfg: RewardConfig, rewards: torch.Tensor, batch: Batch) -> torch.
 
 
 @torch.no_grad()
-def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: int, packing: bool) -> list[list[float]]:
+def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: int, packing: bool,
+                   shared_prefix: bool = False) -> list[list[float]]:
     """Rewards of every answer of every example, best first (every rank runs every batch: ZeRO-3 gathers)."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
     for i in range(0, len(examples), mb):
         chunk = examples[i: i + mb]
-        b = collate(chunk, pad_id, packing)
+        b = collate(chunk, pad_id, packing, shared_prefix)
         rewards = model(**b.model_inputs).float().cpu()  # (N,)
         for row, m in zip(b.index, b.mask):
             out.append(rewards[row[m]].tolist())
@@ -147,12 +211,18 @@ def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: 
     return out
 
 
-def train_worker(config: dict) -> None:
-    """Entry point on each worker; ``config`` is the resolved RewardConfig as a dict plus the run directory."""
+def train_worker(config: dict, *, step_hook=None) -> None:
+    """Entry point on each worker; ``config`` is the resolved RewardConfig as a dict plus the run directory.
+
+    ``step_hook(event, step)`` (in-process callers only, e.g. the benchmark's clocks) is called with
+    ``"begin"`` and ``"end"`` around every optimizer step.
+    """
     cfg = RewardConfig.model_validate(config["cfg"])
     run = Path(config["run_dir"])
     torch.set_num_threads(int(config.get("threads") or torch.get_num_threads()))
-    packing = cfg.data.packing
+    attn = cfg.model.attn_implementation
+    packing = resolve_packing(cfg.data.packing, attn)
+    shared = cfg.data.shared_prefix and shared_prefix_supported(attn)
 
     # 1. distributed setup
     world = cfg.ray.num_workers
@@ -162,8 +232,8 @@ def train_worker(config: dict) -> None:
     # 2. tokenizer and data (rows were checked by the CLI before any model loaded)
     tok = load_tokenizer(model_path, cfg.model.chat_template)
     train_p, eval_p = split_preferences(cfg, run)
-    train_ex = tokenize_preferences(train_p, tok, cfg.data.max_length)
-    eval_ex = tokenize_preferences(eval_p, tok, cfg.data.max_length)
+    train_ex = tokenize_preferences(train_p, tok, cfg.data.max_length, cfg.data.truncation)
+    eval_ex = tokenize_preferences(eval_p, tok, cfg.data.max_length, cfg.data.truncation)
     steps = total_steps(cfg, len(train_ex))
     strategy = make_strategy(strategy_name, optim=cfg.optim, ds=cfg.deepspeed, total_steps=steps,
                              micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.grad_accum,
@@ -196,7 +266,8 @@ def train_worker(config: dict) -> None:
         cut = sum(e.truncated for e in train_ex + eval_ex)
         print(f"[alignloop] reward: {len(train_ex)} train / {len(eval_ex)} eval examples, {steps} steps, "
               f"loss={cfg.loss.type}, strategy={strategy_name} x{world}, peft={cfg.peft.method}, trainable "
-              f"{trainable:,} of {total:,} params" + (f"; {cut} rows cut to data.max_length={cfg.data.max_length} "
+              f"{trainable:,} of {total:,} params, batches {'packed' if packing else 'padded'}"
+              f"{' with shared prefixes' if shared else ''}" + (f"; {cut} rows cut to data.max_length={cfg.data.max_length} "
                                                       "(oldest tokens dropped)" if cut else ""), flush=True)
     bar = None
     if rank0 and sys.stderr.isatty() and not os.environ.get("RAY_JOB_ID"):
@@ -208,13 +279,19 @@ def train_worker(config: dict) -> None:
     G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
     per_rank = G // world
     pad_id = tok.pad_token_id
+    layouts: dict[str, int] = {}
+    positions = real_positions = 0
     for step in range(start, steps):
+        if step_hook is not None:
+            step_hook("begin", step)
         t0 = time.perf_counter()
         idx = global_batch_indices(len(train_ex), G, step, cfg.train.seed)
         mine = [train_ex[i] for i in idx[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]]
         loss_sum, correct, pairs, gap, tokens = 0.0, 0, 0, 0.0, 0
         for i in range(0, per_rank, mb):
-            b = collate(mine[i: i + mb], pad_id, packing)
+            b = collate(mine[i: i + mb], pad_id, packing, shared)
+            layouts[b.layout] = layouts.get(b.layout, 0) + 1
+            positions, real_positions = positions + b.positions, real_positions + b.tokens
             rewards = model(**b.model_inputs)  # (N,)
             loss = batch_loss(cfg, rewards, b)
             strategy.backward(loss / G)  # this rank's share of the global mean over examples
@@ -227,6 +304,8 @@ def train_worker(config: dict) -> None:
         correct, pairs = strategy.all_reduce_sum(correct), strategy.all_reduce_sum(pairs)
         gap, tokens = strategy.all_reduce_sum(gap), strategy.all_reduce_sum(tokens)
         dt = time.perf_counter() - t0
+        if step_hook is not None:
+            step_hook("end", step)
         done = step + 1
         if bar is not None:
             bar.update(1)
@@ -236,7 +315,7 @@ def train_worker(config: dict) -> None:
                    M.LR: lr, M.GRAD_NORM: grad_norm, M.PAIRS_PER_S: G / dt, M.TOKENS_PER_S: tokens / dt,
                    M.STEP_TIME: dt, M.EPOCH: done * G / len(train_ex), M.TRAIN_TOKENS: tokens}
             if eval_ex and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                s = E.summarize(score_examples(model, eval_ex, pad_id, mb, packing), cfg.eval.calibration_bins)
+                s = E.summarize(score_examples(model, eval_ex, pad_id, mb, packing, shared), cfg.eval.calibration_bins)
                 rec.update({M.EVAL_ACCURACY: s[M.EVAL_ACCURACY], M.LOSS_EVAL: s[M.LOSS_EVAL]})
             logger.log(done, rec)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == steps:
@@ -250,11 +329,14 @@ def train_worker(config: dict) -> None:
             raise SystemExit(f"[alignloop] simulated crash after step {done}")
     if bar is not None:
         bar.close()
+    if rank0 and layouts:
+        print(f"[alignloop] micro-batches by layout {layouts}: computed {positions:,} token positions for "
+              f"{real_positions:,} conversation tokens ({positions / max(real_positions, 1):.2f}x)", flush=True)
 
     # 7. held-out evaluation; reward mean/std for PPO normalisation (eval rewards, else a train sample)
     t_eval = time.perf_counter()
     stats_ex, source = (eval_ex, "eval") if eval_ex else (train_ex[: cfg.eval.stats_max_examples], "train")
-    summary = E.summarize(score_examples(model, stats_ex, pad_id, mb, packing), cfg.eval.calibration_bins)
+    summary = E.summarize(score_examples(model, stats_ex, pad_id, mb, packing, shared), cfg.eval.calibration_bins)
     if rank0:
         if eval_ex:
             logger.log(steps, {k: summary[k] for k in (M.EVAL_ACCURACY, M.LOSS_EVAL, M.EVAL_REWARD_CHOSEN_MEAN,
