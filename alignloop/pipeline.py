@@ -29,7 +29,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from alignloop.config import ConfigError, Section, dump_config, load_config, parse_override
-from alignloop.registry import Artifact, Registry, file_inputs, hash_path
+from alignloop.registry import Artifact, Registry, file_inputs, hash_path, stable_hash
 
 STAGE_CLASSES = {"sft": "sft.config:SFTConfig", "reward": "reward.config:RewardConfig", "ppo": "ppo.config:PPOConfig",
                  "dpo": "ppo.dpo_config:DPOConfig"}
@@ -434,6 +434,19 @@ class Pipeline:
             if r["created"]:
                 self.log(f"{r['created']} gold items added to campaign {f.campaign!r}")
 
+    def campaign_gold(self) -> list[dict]:
+        """The campaign's gold items (known best answer), as evaluation gold: {messages, answers, gold_best}."""
+        self.connect()
+        out = []
+        for it in self.fc.iter_items(self.campaign["id"]):
+            gold = it.get("gold_answer_id")
+            if gold is None:
+                continue
+            ids = [a["id"] for a in it["answers"]]
+            msgs = it.get("messages") or [{"role": "user", "content": it["prompt"]}]
+            out.append({"messages": msgs, "answers": [a["text"] for a in it["answers"]], "gold_best": ids.index(gold)})
+        return out
+
     def close(self) -> None:
         if self.fc is not None:
             self.fc.close()
@@ -549,8 +562,9 @@ class Pipeline:
         from alignloop.evaluate import summary
 
         e = self.cfg.evaluate
-        ident = {"evaluate": e.model_dump(mode="json"), "gold": self.cfg.feedback.gold}
-        inputs = file_inputs({"prompts": e.prompts, "gold": self.cfg.feedback.gold})
+        gold_items = self.campaign_gold()
+        ident = {"evaluate": e.model_dump(mode="json"), "gold": stable_hash(gold_items)}
+        inputs = file_inputs({"prompts": e.prompts})
         parents = [policy, parent, reward]
         key = self.registry.make_key("eval", ident, inputs, parents)
         found = self.registry.find("eval", key)
@@ -563,7 +577,7 @@ class Pipeline:
         result = self.launcher.call(
             "alignloop.evaluate:evaluate_policy", [str(policy.final), str(parent.final), str(reward.final), e.prompts],
             {"limit": e.limit, "max_new_tokens": e.max_new_tokens, "engine": e.engine, "seed": e.seed,
-             "property_fn": e.property, "gold_path": self.cfg.feedback.gold, "out_path": str(slot / "eval.json")},
+             "property_fn": e.property, "gold_items": gold_items, "out_path": str(slot / "eval.json")},
             cpus=e.num_cpus, name="alignloop-evaluate")
         metrics = summary(result)
         if "eval/accuracy" in reward.metrics:

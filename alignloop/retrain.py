@@ -403,11 +403,19 @@ def submit(address: str, config: str, extra: list[str]) -> int:
     entry = " ".join(["alignloop", "retrain", "--config", config, "--once", *extra])
     job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": "."})
     print(f"[retrain] submitted job {job} to {address}: {entry}", flush=True)
-    for chunk in client.tail_job_logs(job) if hasattr(client, "tail_job_logs") else []:
-        print(chunk, end="", flush=True)
-    status = client.get_job_status(job)
+    from ray.job_submission import JobStatus
+
+    shown = 0
+    while True:  # follow the job's log until it ends
+        status = client.get_job_status(job)
+        logs = client.get_job_logs(job)
+        print(logs[shown:], end="", flush=True)
+        shown = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
     print(f"[retrain] job {job}: {status}", flush=True)
-    return 0 if str(status).endswith("SUCCEEDED") else 1
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 def _body(argv: list[str]) -> int:

@@ -268,6 +268,20 @@ class FeedbackClient:
         flush()
         return total
 
+    def list_items(self, campaign_id: int, offset: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        """Admin view of a campaign's items (with ``gold_answer_id`` for gold items), one page."""
+        return self._json("GET", f"/api/v1/campaigns/{campaign_id}/items", params={"offset": offset, "limit": limit}, idempotent=True)
+
+    def iter_items(self, campaign_id: int, page: int = 100) -> Iterable[dict[str, Any]]:
+        """Every item of a campaign (admin), page by page."""
+        offset = 0
+        while True:
+            batch = self.list_items(campaign_id, offset=offset, limit=page)
+            yield from batch
+            if len(batch) < page:
+                return
+            offset += len(batch)
+
     def get_item(self, item_id: int) -> Item:
         return self._json("GET", f"/api/v1/items/{item_id}", idempotent=True)
 

@@ -132,6 +132,7 @@ def service(tmp_path):
 
 
 def retrain_files(tiny_model, tiny_data, tmp_path, service, **schedule):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     pcfg = pipeline_config(tiny_model, tiny_data, tmp_path, launcher="process", engine="hf")
     pcfg["feedback"].update(url=service.url, source="take", campaign="loop")
     pcfg["gates"] = {"min_win_rate": 0.0}
@@ -234,13 +235,15 @@ def test_retrain_killed_mid_cycle_resumes_the_same_cycle(tiny_model, tiny_data, 
     assert json.loads(st.stdout)["state"]["completed"] == 1
 
 
-def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path):
+def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path, service):
     import tempfile
 
     cfg = pipeline_config(tiny_model, tiny_data, tmp_path, engine="hf")
     cfg["ray"] = {"launcher": "ray"}  # the job's cluster (RAY_ADDRESS is set by the job)
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    retrain_yaml = retrain_files(tiny_model, tiny_data, tmp_path / "loopcfg", service)
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               ALIGNLOOP_FEEDBACK_TOKEN=service.admin_token)  # the cluster's nodes hold the service token (ray_cluster.yaml)
     ray = str(BIN / "ray")
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     start = subprocess.run([ray, "start", "--head", "--port=6393", "--dashboard-port=8283", "--num-cpus=2",
@@ -263,6 +266,12 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path):
                            capture_output=True, text=True, env=env, timeout=900)
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
         assert (tmp_path / "ppojob" / "ppo" / "final" / "critic" / "config.json").exists()
+        # one retrain cycle as a job: the first start makes SFT the production policy; no rankings yet -> a recorded no-op
+        r = subprocess.run([str(BIN / "alignloop"), "retrain", "--config", str(retrain_yaml), "--submit", "http://127.0.0.1:8283"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
+        state = json.loads((tmp_path / "loopcfg" / "loop" / "state.json").read_text())
+        assert state["completed"] == 1 and state["production"].startswith("sft-")
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
 
@@ -271,12 +280,19 @@ def test_demo_command_on_tiny_models(tiny_model, tiny_data, tmp_path):
     """``alignloop demo`` is the pipeline plus a token for a person on the web page; here on a tiny config."""
     cfg = pipeline_config(tiny_model, tiny_data, tmp_path, launcher="process", engine="hf")
     cfg["run_name"] = "demo"
+    gold = tmp_path / "gold.jsonl"  # gold items: pushed to the campaign, then the evaluation's gold agreement
+    gold.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answers": [w, f"{w} {w} {w} and more"], "gold_best": 0}) + "\n"
+                            for w in ("yes", "no")))
+    cfg["feedback"]["gold"] = str(gold)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
     r = alignloop("demo", "--config", str(tmp_path / "demo.yaml"), "--fresh")
     assert "labeler web page: http://127.0.0.1:" in r.stdout and "sign in with token" in r.stdout
     assert "answers with the preferred property" in r.stdout and "KL(after || before)" in r.stdout
     res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert res["decision"]["gates_pass"] is True and res["export"]["rows"] > 0
+    assert 0.0 <= res["eval"]["eval/gold_agreement"] <= 1.0
+    (ev,) = (tmp_path / "registry" / "eval").glob("*/eval.json")
+    assert json.loads(ev.read_text())["gold_items"] == 2
     assert (tmp_path / "demo" / "reward_calibration.png").exists()
     # the person's token works on the labeler API of the service the demo ran (its data stays on disk)
     tokens = json.loads((tmp_path / "demo" / "feedback" / "labeler_tokens.json").read_text())
