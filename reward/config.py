@@ -38,6 +38,9 @@ class RewardDataConfig(Section):
     shared_prefix: bool = Field(True, description="compute the history a row's answers share once per row (each answer "
                                 "attends to it through the attention mask); a micro-batch uses it only when that computes "
                                 "fewer token positions; not with flash_attention_2")
+    group_by_length: bool = Field(True, description="form each optimizer step's micro-batches (and eval batches) from "
+                                  "examples of similar length, so less padding is computed; the step's pairs and "
+                                  "gradient stay the same")
     truncation: Literal["pair", "each"] = Field("pair", description="pair: a too-long row's answers lose the same oldest "
                                                 "history tokens (they keep one context); each: every conversation is cut on its own")
     limit: int | None = Field(None, gt=0, description="use only the first N training rows (after the eval split)")

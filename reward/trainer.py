@@ -131,6 +131,19 @@ def _shared_rows(examples: list[TokenizedPreference], pad_id: int, packing: bool
     return inputs, R * width
 
 
+def row_width(e: TokenizedPreference, shared_prefix: bool) -> int:
+    """Token positions an example takes in its row: the history once with ``shared_prefix``, else its longest answer
+    (what a right-padded micro-batch pays for each of its sequences)."""
+    if shared_prefix:
+        return sum(len(s) for s in e.input_ids) - (len(e.input_ids) - 1) * shared_prefix_len(e.input_ids)
+    return max(len(s) for s in e.input_ids)
+
+
+def by_length(examples: list[TokenizedPreference], shared_prefix: bool) -> list[int]:
+    """Order (indices) that puts examples of similar row width next to each other (stable)."""
+    return sorted(range(len(examples)), key=lambda i: row_width(examples[i], shared_prefix))
+
+
 def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool, shared_prefix: bool = False) -> Batch:
     """One micro-batch. ``shared_prefix``: use the shared-history layout when it computes fewer token
     positions than the plain one (packed or right-padded) would; the rewards are the same either way."""
@@ -195,17 +208,19 @@ def batch_loss(cfg: RewardConfig, rewards: torch.Tensor, batch: Batch) -> torch.
 
 @torch.no_grad()
 def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: int, packing: bool,
-                   shared_prefix: bool = False) -> list[list[float]]:
-    """Rewards of every answer of every example, best first (every rank runs every batch: ZeRO-3 gathers)."""
+                   shared_prefix: bool = False, group_by_length: bool = False) -> list[list[float]]:
+    """Rewards of every answer of every example, best first, in the examples' order (every rank runs every
+    batch: ZeRO-3 gathers). ``group_by_length``: batches of similar length, results put back in order."""
     was_training = model.training
     model.eval()
-    out: list[list[float]] = []
-    for i in range(0, len(examples), mb):
-        chunk = examples[i: i + mb]
-        b = collate(chunk, pad_id, packing, shared_prefix)
+    order = by_length(examples, shared_prefix) if group_by_length else list(range(len(examples)))
+    out: list[list[float] | None] = [None] * len(examples)
+    for i in range(0, len(order), mb):
+        chunk = order[i: i + mb]
+        b = collate([examples[j] for j in chunk], pad_id, packing, shared_prefix)
         rewards = model(**b.model_inputs).float().cpu()  # (N,)
-        for row, m in zip(b.index, b.mask):
-            out.append(rewards[row[m]].tolist())
+        for j, row, m in zip(chunk, b.index, b.mask):
+            out[j] = rewards[row[m]].tolist()
     if was_training:
         model.train()
     return out
@@ -280,6 +295,10 @@ def train_worker(config: dict, *, step_hook=None) -> None:
     per_rank = G // world
     pad_id = tok.pad_token_id
     layouts: dict[str, int] = {}
+
+    def score(examples):
+        return score_examples(model, examples, pad_id, mb, packing, shared, cfg.data.group_by_length)
+
     positions = real_positions = 0
     for step in range(start, steps):
         if step_hook is not None:
@@ -287,6 +306,8 @@ def train_worker(config: dict, *, step_hook=None) -> None:
         t0 = time.perf_counter()
         idx = global_batch_indices(len(train_ex), G, step, cfg.train.seed)
         mine = [train_ex[i] for i in idx[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]]
+        if cfg.data.group_by_length and per_rank > mb:  # same pairs, same summed gradient, less padding
+            mine = [mine[j] for j in by_length(mine, shared)]
         loss_sum, correct, pairs, gap, tokens = 0.0, 0, 0, 0.0, 0
         for i in range(0, per_rank, mb):
             b = collate(mine[i: i + mb], pad_id, packing, shared)
@@ -315,7 +336,7 @@ def train_worker(config: dict, *, step_hook=None) -> None:
                    M.LR: lr, M.GRAD_NORM: grad_norm, M.PAIRS_PER_S: G / dt, M.TOKENS_PER_S: tokens / dt,
                    M.STEP_TIME: dt, M.EPOCH: done * G / len(train_ex), M.TRAIN_TOKENS: tokens}
             if eval_ex and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                s = E.summarize(score_examples(model, eval_ex, pad_id, mb, packing, shared), cfg.eval.calibration_bins)
+                s = E.summarize(score(eval_ex), cfg.eval.calibration_bins)
                 rec.update({M.EVAL_ACCURACY: s[M.EVAL_ACCURACY], M.LOSS_EVAL: s[M.LOSS_EVAL]})
             logger.log(done, rec)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == steps:
@@ -336,7 +357,7 @@ def train_worker(config: dict, *, step_hook=None) -> None:
     # 7. held-out evaluation; reward mean/std for PPO normalisation (eval rewards, else a train sample)
     t_eval = time.perf_counter()
     stats_ex, source = (eval_ex, "eval") if eval_ex else (train_ex[: cfg.eval.stats_max_examples], "train")
-    summary = E.summarize(score_examples(model, stats_ex, pad_id, mb, packing, shared), cfg.eval.calibration_bins)
+    summary = E.summarize(score(stats_ex), cfg.eval.calibration_bins)
     if rank0:
         if eval_ex:
             logger.log(steps, {k: summary[k] for k in (M.EVAL_ACCURACY, M.LOSS_EVAL, M.EVAL_REWARD_CHOSEN_MEAN,

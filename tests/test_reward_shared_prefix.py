@@ -137,3 +137,59 @@ def test_packing_auto_and_shared_prefix_support():
     cfg = RewardConfig(data={"train": "x"})
     assert cfg.data.packing == "auto" and cfg.data.shared_prefix is True and cfg.data.truncation == "pair"
     assert RewardConfig(data={"train": "x", "packing": True}).data.packing is True
+
+
+def _train(tiny_model, rows, tmp_path, name, **data):
+    from reward.trainer import train_worker
+
+    cfg = RewardConfig.model_validate({
+        "output_dir": str(tmp_path), "run_name": name, "model": {"path": str(tiny_model)}, "peft": {"method": "full"},
+        "data": {"train": str(rows), "eval_fraction": 0.25, "max_length": 48, **data},
+        "optim": {"lr": 1e-3, "warmup_steps": 0}, "eval": {"calibration_bins": 4},
+        "train": {"strategy": "single", "max_steps": 3, "global_batch_size": 8, "micro_batch_size": 2, "seed": 1,
+                  "save_every": 10**6}})
+    run = tmp_path / name
+    run.mkdir()
+    events = []
+    train_worker({"cfg": cfg.model_dump(mode="json"), "run_dir": str(run)}, step_hook=lambda e, s: events.append((e, s)))
+    import json
+
+    from safetensors.torch import load_file
+
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss/reward"] for m in metrics if "loss/reward" in m]
+    ev = json.loads((run / "eval.json").read_text())
+    return losses, load_file(run / "final" / "model.safetensors"), ev, events
+
+
+def test_training_with_shared_prefix_and_grouping_equals_plain_padded(tiny_model, tmp_path, capsys):
+    from reward.synthetic import marker_rows, write_rows
+
+    rows = marker_rows(32, seed=3)
+    for i, r in enumerate(rows):  # answers of different lengths, so grouping and padding matter
+        r["chosen"] += " extra words" * (i % 4)
+        r["prompt"] = "Some shared context. " * (i % 3) + r["prompt"]
+    f = write_rows(rows, tmp_path / "pairs.jsonl")
+    l0, w0, e0, _ = _train(tiny_model, f, tmp_path, "plain", packing=False, shared_prefix=False, group_by_length=False)
+    assert "{'padded': 12}" in capsys.readouterr().out  # 3 steps x 4 micro-batches
+    l1, w1, e1, events = _train(tiny_model, f, tmp_path, "fast")  # defaults: shared prefix, grouped, auto packing
+    out = capsys.readouterr().out
+    assert "batches padded with shared prefixes" in out and "{'shared': 12}" in out
+    assert events == [(e, s) for s in range(3) for e in ("begin", "end")]
+    assert l1 == pytest.approx(l0, rel=1e-5, abs=1e-6)
+    assert e1["eval/accuracy"] == e0["eval/accuracy"] and e1["eval/loss"] == pytest.approx(e0["eval/loss"], rel=1e-4)
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_scoring_grouped_by_length_keeps_the_examples_order(rm):
+    from reward.trainer import score_examples
+
+    model, tok = rm
+    ex = _examples(tok) + _examples(tok)[::-1]
+    plain = score_examples(model, ex, tok.pad_token_id, 2, packing=False)
+    fast = score_examples(model, ex, tok.pad_token_id, 2, packing=False, shared_prefix=True, group_by_length=True)
+    assert [len(x) for x in fast] == [len(e.input_ids) for e in ex]
+    for a, b in zip(fast, plain):
+        assert a == pytest.approx(b, abs=1e-5)
