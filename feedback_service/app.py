@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from feedback_service import __version__, service
-from feedback_service.api.routes import router, system
+from feedback_service.api.routes import hot, router, system
 from feedback_service.config import Settings
 from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
 from feedback_service.deps import ActorCache
@@ -70,6 +70,7 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
+    app.include_router(hot)  # the labeling hot paths first: routes are matched in order
     app.include_router(system)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -96,6 +97,11 @@ def app_from_env() -> FastAPI:
     from feedback_service.config import WORKER_ENV  # noqa: PLC0415
     from feedback_service.observability import setup_logging  # noqa: PLC0415
 
+    import sys  # noqa: PLC0415
+
+    from feedback_service.cli import SWITCH_INTERVAL_S  # noqa: PLC0415
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     worker = json.loads(os.environ.get(WORKER_ENV, "{}"))
     setup_logging(worker.get("log_level", "info"))
     settings = Settings.from_env().model_copy(update={"log_requests": worker.get("log_requests", True)})

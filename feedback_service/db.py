@@ -10,7 +10,9 @@ PostgreSQL: READ COMMITTED plus row locks (``SELECT ... FOR UPDATE``) where it m
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: processes then meet at SQLite's own lock only
+    fcntl = None  # type: ignore[assignment]
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
@@ -28,15 +35,29 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
     """An engine for ``url``. SQLite: ``read_only`` engines begin plain (deferred) transactions,
     which in WAL mode read a snapshot without taking the write lock (used for authentication)."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+
+        @event.listens_for(engine, "connect")
+        def _pg_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
+            # Short OLTP statements only: the JIT compiler costs 10-300 ms on a query whose
+            # estimate crosses jit_above_cost (the lease query's does on a large campaign).
+            autocommit = dbapi_conn.autocommit
+            dbapi_conn.autocommit = True
+            dbapi_conn.execute("SET jit = off")
+            dbapi_conn.autocommit = autocommit
+
+        return engine
     path = url.split("///", 1)[-1]
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=8, max_overflow=32)
-    # Writers of this process queue on a Python lock before BEGIN IMMEDIATE: SQLite's own busy
-    # handler sleeps in growing steps (up to 100 ms), which turns contention into long tails.
-    # Other processes (uvicorn --workers) still meet at SQLite's lock, with busy_timeout.
-    write_lock = threading.Lock()
+    # Writers queue before BEGIN IMMEDIATE: SQLite's own busy handler sleeps in growing steps (up
+    # to 100 ms), which turns contention into long tails. Within a process on a thread lock,
+    # between processes (uvicorn --workers) on an flock of a file beside the database; anything
+    # else that writes (another tool) still meets them at SQLite's lock, with busy_timeout.
+    write_lock = _WriteLock(f"{path}-writelock" if path and path != ":memory:" and not read_only else None)
+    if write_lock.fd is not None:
+        weakref.finalize(engine, os.close, write_lock.fd)
 
     @event.listens_for(engine, "connect")
     def _sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -70,7 +91,31 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
     return engine
 
 
-_holders: dict[int, threading.Lock] = {}
+class _WriteLock:
+    """A thread lock, then (with a path, where fcntl exists) an exclusive flock of that file."""
+
+    def __init__(self, lock_path: str | None) -> None:
+        self._thread = threading.Lock()
+        self.fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path and fcntl is not None else None
+
+    def acquire(self, timeout: float) -> bool:
+        if not self._thread.acquire(timeout=timeout):
+            return False
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # blocks until the other process commits; freed if it dies
+            except BaseException:
+                self._thread.release()
+                raise
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._thread.release()
+
+
+_holders: dict[int, _WriteLock] = {}
 
 
 def _release(dbapi_conn) -> None:  # noqa: ANN001

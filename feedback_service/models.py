@@ -88,6 +88,7 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "labeler_id", name="uq_assignments_item_labeler"),
         Index("ix_assignments_labeler_status", "labeler_id", "status"),
+        Index("ix_assignments_labeler_campaign_status", "labeler_id", "campaign_id", "status"),  # migration 0004
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)

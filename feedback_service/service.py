@@ -282,17 +282,24 @@ def _pick(exclude_tried: bool, skip_locked: bool):  # noqa: ANN202
     or currently leased and that has a free slot, with this labeler's (expired) lease on it, if
     any. PostgreSQL locks the item row (skipping rows other requests are locking right now, so no
     thundering herd on the lowest id); SQLite ignores FOR UPDATE, its transaction holds the write
-    lock. ``exclude_tried``: also not the ids in the expanding ``tried`` (a rare retry)."""
+    lock. ``exclude_tried``: also not the ids in the expanding ``tried`` (a rare retry).
+
+    Both filters are correlated scalar subqueries on purpose: the planner cannot turn them into a
+    join over all of the labeler's assignments, so it walks the open items in id order and probes
+    two indexes per item until the first fits (the LIMIT 1 stops it early)."""
     mine = _assign.alias("mine")
-    q = (
-        select(_items.c.id, mine.c.id)
-        .select_from(_items.outerjoin(mine, and_(mine.c.item_id == _items.c.id, mine.c.labeler_id == _lab)))
-        .where(
-            _items.c.campaign_id == _cid,
-            _items.c.complete.is_(False),
-            or_(mine.c.id.is_(None), and_(mine.c.status == "leased", mine.c.expires_at <= _now)),  # an expired lease of mine may come back
-            _slots_taken_of(_items.c.id) < _overlap,
-        )
+    blocked_for_me = (
+        select(func.count())
+        .select_from(mine)
+        .where(mine.c.item_id == _items.c.id, mine.c.labeler_id == _lab, or_(mine.c.status != "leased", mine.c.expires_at > _now))
+        .scalar_subquery()
+    )  # an expired lease of mine does not block: the item may come back to me
+    my_lease = select(mine.c.id).where(mine.c.item_id == _items.c.id, mine.c.labeler_id == _lab).scalar_subquery()
+    q = select(_items.c.id, my_lease).where(
+        _items.c.campaign_id == _cid,
+        _items.c.complete.is_(False),
+        blocked_for_me == 0,
+        _slots_taken_of(_items.c.id) < _overlap,
     )
     if exclude_tried:
         q = q.where(_items.c.id.not_in(bindparam("tried", expanding=True)))

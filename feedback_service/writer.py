@@ -2,11 +2,19 @@
 
 SQLite commits one writer at a time and each commit waits for an fsync (``synchronous=FULL``), so
 one commit per request caps throughput at the disk's fsync rate. ``Writer`` therefore runs the
-hot write paths (lease, rank, skip) of many concurrent requests in one thread, each unit inside
-its own SAVEPOINT, and commits the batch once: group commit. A unit that fails rolls back only
-its savepoint; if the commit itself fails, every request of the batch gets the error. Nobody is
-answered before the commit returned. PostgreSQL groups concurrent commits by itself, so there a
-unit simply runs in the caller's thread in a transaction of its own (row locks keep it correct).
+hot write paths (lease, rank, skip) of many concurrent requests in one transaction, each unit
+inside its own SAVEPOINT, and commits the batch once: group commit. A unit that fails rolls back
+only its savepoint; if the commit itself fails, every request of the batch gets the error. Nobody
+is answered before the commit returned. PostgreSQL groups concurrent commits by itself, so there a
+unit simply runs in a thread in a transaction of its own (row locks keep it correct).
+
+Two ways in, one lock: ``submit`` (the app's async routes) batches on the event loop: BEGIN (which
+may wait for the write lock) and COMMIT (the fsync) run in a helper thread, and the units
+themselves run on the event loop thread in between. They are short (a few indexed statements,
+no network), and running them there avoids a GIL convoy: a separate writer thread gives up the
+GIL inside every SQLite call and then waits for the busy event loop to hand it back, which made a
+batch of a few dozen statements take tens of milliseconds. ``run`` (plain threads, tests) queues
+to a writer thread instead. Both take the same write lock (``db.py``), so they never overlap.
 
 A unit must return plain values (e.g. Public schemas), not ORM rows: the session closes after the
 commit, and another unit's rollback may expire rows they share.
@@ -17,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 T = TypeVar("T")
 Unit = Callable[[Session], T]
+Outcome = tuple[Any, object, BaseException | None]  # (waiter, value, error)
 
 _IDLE_EXIT_S = 5.0  # the writer thread exits when idle this long and restarts on demand
 
@@ -36,8 +46,15 @@ class Writer:
         self._queue: queue.SimpleQueue[tuple[Unit, Future]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._pending: list[tuple[Unit, asyncio.Future]] = []  # submit(): units waiting for the next batch
+        self._drainer: asyncio.Task | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback-commit") if group_commit else None
+        if self._io is not None:
+            weakref.finalize(self, self._io.shutdown, wait=False)
         self.batches = 0  # how many commits the writer made (tests and metrics)
         self.units = 0
+
+    # ---- plain threads -----------------------------------------------------------------------
 
     def run(self, unit: Unit[T]) -> T:
         """Run ``unit(session)`` and commit; returns its value once it is durable."""
@@ -50,16 +67,6 @@ class Writer:
         self._queue.put((unit, future))
         self._ensure_thread()
         return future.result()
-
-    async def submit(self, unit: Unit[T]) -> T:
-        """``run`` for async callers: the event loop is not blocked while the batch commits."""
-        if not self.group_commit:
-            return await run_in_threadpool(self.run, unit)
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._queue.put((unit, _LoopFuture(loop, waiter)))
-        self._ensure_thread()
-        return await waiter
 
     def _ensure_thread(self) -> None:
         if self._thread is not None:  # fast path; see the idle exit in _loop for why this is safe
@@ -90,73 +97,125 @@ class Writer:
                 except queue.Empty:
                     break
             try:
-                self._commit_batch(batch)
+                while batch:
+                    outcomes, batch = self._try_batch(batch)
+                    _deliver(outcomes)
             except BaseException as e:  # noqa: BLE001  never let the writer thread die with waiters queued
                 _deliver([(waiter, None, e) for _, waiter in batch])
 
-    def _commit_batch(self, batch: list[tuple[Unit, Any]]) -> None:
-        """Run the batch's units in one transaction, a savepoint each, commit once, then answer."""
-        while batch:
-            outcomes, batch = self._try_batch(batch)
-            _deliver(outcomes)
-
-    def _try_batch(self, batch: list[tuple[Unit, Any]]) -> tuple[list[tuple[Any, object, BaseException | None]], list[tuple[Unit, Any]]]:
-        """(outcomes to deliver, units to run again in a new transaction)."""
-        outcomes: list[tuple[Any, object, BaseException | None]] = []  # (waiter, value, error)
+    def _try_batch(self, batch: list[tuple[Unit, Any]]) -> tuple[list[Outcome], list[tuple[Unit, Any]]]:
+        """Run a batch in one transaction: (outcomes to deliver, units to run again)."""
         try:
-            with self.factory() as session:
-                # SAVEPOINTs straight on the DBAPI cursor: SQLAlchemy's begin_nested() costs more
-                # than a hot unit's own statements. SQLAlchemy still owns BEGIN and COMMIT.
-                cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                for n, (unit, waiter) in enumerate(batch):
-                    cursor.execute("SAVEPOINT feedback_unit")
-                    try:
-                        value = unit(session)
-                        session.flush()
-                    except BaseException as e:  # noqa: BLE001  (handed to that request only)
-                        if not session.get_transaction().is_active:  # type: ignore[union-attr]
-                            # An ORM flush failed and the session is unusable: drop the transaction
-                            # (nothing of it is stored), answer this unit, run the others again.
-                            session.rollback()
-                            return [(waiter, None, e)], [pair for pair, o in zip(batch, outcomes) if o[2] is None] + batch[n + 1 :]
-                        cursor.execute("ROLLBACK TO SAVEPOINT feedback_unit")
-                        cursor.execute("RELEASE SAVEPOINT feedback_unit")
-                        session.expunge_all()  # ORM objects of the rolled-back unit are gone
-                        outcomes.append((waiter, None, e))
-                        continue
+            session, cursor = self._begin()
+        except BaseException as e:  # noqa: BLE001  no transaction: every unit gets the error
+            return [(waiter, None, e) for _, waiter in batch], []
+        outcomes, retry = self._run_units(session, cursor, batch)
+        return self._end(session, batch, outcomes, retry), retry
+
+    # ---- the event loop ----------------------------------------------------------------------
+
+    async def submit(self, unit: Unit[T]) -> T:
+        """Run ``unit(session)`` in the next group commit; returns its value once it is durable."""
+        if not self.group_commit:
+            return await run_in_threadpool(self.run, unit)
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending.append((unit, waiter))
+        if self._drainer is None:
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await waiter
+
+    async def _drain(self) -> None:
+        """Commit batches of the pending units until none is left; the units that arrive while a
+        batch commits form the next one."""
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                while batch:
+                    outcomes, batch = await self._try_batch_async(batch)
+                    _resolve(outcomes)
+        finally:
+            self._drainer = None
+            if self._pending:  # cancelled (shutdown): nobody will commit these
+                _resolve([(waiter, None, RuntimeError("the service is shutting down")) for _, waiter in self._pending])
+                self._pending.clear()
+
+    async def _try_batch_async(self, batch: list[tuple[Unit, Any]]) -> tuple[list[Outcome], list[tuple[Unit, Any]]]:
+        loop = asyncio.get_running_loop()
+        begin = loop.run_in_executor(self._io, self._begin)
+        try:
+            session, cursor = await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            begin.add_done_callback(lambda f: f.exception() is None and f.result()[0].close())  # frees the lock
+            raise
+        except BaseException as e:  # noqa: BLE001  no transaction: every unit gets the error
+            return [(waiter, None, e) for _, waiter in batch], []
+        outcomes, retry = self._run_units(session, cursor, batch)  # on the event loop thread, see the module docstring
+        end = loop.run_in_executor(self._io, self._end, session, batch, outcomes, retry)
+        return await asyncio.shield(end), retry  # a cancelled caller does not stop a commit half-way
+
+    # ---- one transaction ---------------------------------------------------------------------
+
+    def _begin(self) -> tuple[Session, Any]:
+        """A session in a new transaction (SQLite: BEGIN IMMEDIATE, after the write lock) and a
+        DBAPI cursor on its connection."""
+        session = self.factory()
+        try:
+            # SAVEPOINTs go straight to the DBAPI cursor: SQLAlchemy's begin_nested() costs more
+            # than a hot unit's own statements. SQLAlchemy still owns BEGIN and COMMIT.
+            cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        except BaseException:
+            session.close()
+            raise
+        return session, cursor
+
+    def _run_units(self, session: Session, cursor: Any, batch: list[tuple[Unit, Any]]) -> tuple[list[Outcome], list[tuple[Unit, Any]]]:
+        """Each unit in a savepoint: (outcomes, units to run again). When units must run again
+        the transaction is unusable and must be rolled back (outcomes then hold only the unit
+        that broke it)."""
+        outcomes: list[Outcome] = []
+        for n, (unit, waiter) in enumerate(batch):
+            try:
+                cursor.execute("SAVEPOINT feedback_unit")
+                value = unit(session)
+                session.flush()
+            except BaseException as e:  # noqa: BLE001  (handed to that request only)
+                transaction = session.get_transaction()
+                if transaction is None or not transaction.is_active:
+                    # An ORM flush failed and the session is unusable: drop the transaction
+                    # (nothing of it is stored), answer this unit, run the others again.
+                    return [(waiter, None, e)], [pair for pair, o in zip(batch, outcomes) if o[2] is None] + batch[n + 1 :]
+                try:
+                    cursor.execute("ROLLBACK TO SAVEPOINT feedback_unit")
                     cursor.execute("RELEASE SAVEPOINT feedback_unit")
-                    outcomes.append((waiter, value, None))
-                session.commit()
-        except BaseException as e:  # noqa: BLE001  the commit failed: nothing of the batch is stored
-            return [(waiter, None, outcome[2] if outcome is not None and outcome[2] is not None else e)
-                    for (_, waiter), outcome in zip(batch, outcomes + [None] * (len(batch) - len(outcomes)))], []
-        self.batches += 1
-        self.units += len(batch)
+                except BaseException:  # noqa: BLE001  the connection itself failed: give up the batch
+                    return [(waiter, None, e)], [pair for pair, o in zip(batch, outcomes) if o[2] is None] + batch[n + 1 :]
+                session.expunge_all()  # ORM objects of the rolled-back unit are gone
+                outcomes.append((waiter, None, e))
+                continue
+            cursor.execute("RELEASE SAVEPOINT feedback_unit")
+            outcomes.append((waiter, value, None))
         return outcomes, []
 
-
-def _deliver(outcomes: list[tuple[Any, object, BaseException | None]]) -> None:
-    """Answer every waiter of a batch: thread futures directly, asyncio futures with one
-    ``call_soon_threadsafe`` per event loop (one wake-up for the whole batch)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, object, BaseException | None]]] = {}
-    for waiter, value, error in outcomes:
-        if isinstance(waiter, _LoopFuture):
-            by_loop.setdefault(waiter.loop, []).append((waiter.future, value, error))
-        elif not waiter.done():
-            if error is not None:
-                waiter.set_exception(error)
-            else:
-                waiter.set_result(value)
-    for loop, items in by_loop.items():
+    def _end(self, session: Session, batch: list[tuple[Unit, Any]], outcomes: list[Outcome], retry: list) -> list[Outcome]:
+        """Commit (or, when units must run again, roll back) and close; the outcomes to deliver."""
         try:
-            loop.call_soon_threadsafe(_resolve, items)
-        except RuntimeError:  # that event loop is closed: nobody is waiting any more
-            pass
+            with session:
+                if retry:
+                    session.rollback()
+                    return outcomes
+                session.commit()
+        except BaseException as e:  # noqa: BLE001  the commit failed: nothing of the batch is stored
+            return [(waiter, None, err or e) for waiter, _, err in outcomes]
+        self.batches += 1
+        self.units += len(batch)
+        return outcomes
 
 
-def _resolve(items: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
-    for future, value, error in items:
-        if future.done():  # the request went away meanwhile (cancelled)
+def _resolve(outcomes: list[Outcome]) -> None:
+    """Complete futures of the running event loop (a request that went away is left alone)."""
+    for future, value, error in outcomes:
+        if future.done():
             continue
         if error is not None:
             future.set_exception(error)
@@ -164,10 +223,12 @@ def _resolve(items: list[tuple[asyncio.Future, object, BaseException | None]]) -
             future.set_result(value)
 
 
-class _LoopFuture:
-    """An asyncio future of an event loop in another thread, waiting for a unit's outcome."""
-
-    __slots__ = ("loop", "future")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
-        self.loop, self.future = loop, future
+def _deliver(outcomes: list[Outcome]) -> None:
+    """Complete the thread futures of a batch (from the writer thread)."""
+    for waiter, value, error in outcomes:
+        if waiter.done():
+            continue
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(value)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from feedback_service import __version__, service
 from feedback_service.db import current_revision
-from feedback_service.deps import ActorDep, AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
+from feedback_service.deps import ACTOR_SECURITY, ActorDep, AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from feedback_service.errors import Invalid
 from feedback_service.writer import Writer
 from feedback_service.schemas import (
@@ -46,6 +46,7 @@ Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 router = APIRouter(prefix="/api/v1")
+hot = APIRouter(prefix="/api/v1")  # lease, rank, skip: included first, so they are matched first
 system = APIRouter()
 
 
@@ -225,11 +226,12 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
-@router.post(
+@hot.post(
     "/campaigns/{campaign_id}/next",
     response_model=AssignmentPublic,
     responses={204: {"description": "nothing left for this labeler"}},
     tags=["labeling"],
+    openapi_extra=ACTOR_SECURITY,
 )
 async def next_item(campaign_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
@@ -238,19 +240,20 @@ async def next_item(campaign_id: IdPath, clock: ClockDep, actor: ActorDep, reque
     return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else _json(out)
 
 
-@router.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"])
+@hot.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
 async def skip(item_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> SkipPublic:
     now = clock()
     await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
     return SkipPublic(item_id=item_id, status="skipped")
 
 
-@router.post(
+@hot.post(
     "/items/{item_id}/rankings",
     response_model=RankingPublic,
     status_code=status.HTTP_201_CREATED,
     responses={200: {"model": RankingPublic, "description": "the same ranking was already stored (idempotent replay)"}},
     tags=["labeling"],
+    openapi_extra=ACTOR_SECURITY,
 )
 async def submit_ranking(item_id: IdPath, body: RankingCreate, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
     """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
