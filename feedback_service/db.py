@@ -35,7 +35,8 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
     """An engine for ``url``. SQLite: ``read_only`` engines begin plain (deferred) transactions,
     which in WAL mode read a snapshot without taking the write lock (used for authentication)."""
     if not url.startswith("sqlite"):
-        engine = create_engine(url, pool_size=8, max_overflow=32, pool_pre_ping=True)
+        # pool_size above Writer.max_concurrent (the hot units) plus room for the other routes
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
 
         @event.listens_for(engine, "connect")
         def _pg_connect(dbapi_conn, _record) -> None:  # noqa: ANN001

@@ -204,6 +204,11 @@ def import_items(session: Session, campaign: Campaign, items: Sequence[ItemCreat
         known[h] = item.id
         ids.append(item.id)
         created += 1
+    if created >= 100 and _is_pg(session):
+        # Fresh statistics for the lease query: without them PostgreSQL plans it as a scan and sort
+        # of the whole campaign (tens of ms per lease) until autovacuum's next ANALYZE. SQLite
+        # picks the index without statistics.
+        session.execute(text("ANALYZE items"))
     return ItemsImported(created=created, duplicates=len(items) - created, item_ids=ids)
 
 
@@ -257,7 +262,6 @@ _TOKEN_LIVE = Prepared(
     .join(_labelers, _labelers.c.id == _tokens.c.labeler_id)
     .where(_tokens.c.id == bindparam("tid"), _tokens.c.revoked_at.is_(None), _labelers.c.active.is_(True))
 )
-_CAMPAIGN = Prepared(select(_campaigns.c.overlap, _campaigns.c.lease_seconds).where(_campaigns.c.id == _cid))
 
 
 def _slots_taken_of(item_id, exclude_labeler=None):  # noqa: ANN001, ANN202
@@ -269,10 +273,32 @@ def _slots_taken_of(item_id, exclude_labeler=None):  # noqa: ANN001, ANN202
     return q.scalar_subquery()
 
 
-_CURRENT = Prepared(
-    select(_assign.c.id, _assign.c.item_id, _assign.c.expires_at)
-    .where(_assign.c.labeler_id == _lab, _assign.c.campaign_id == _cid, _assign.c.status == "leased", _assign.c.expires_at > _now)
-    .order_by(_assign.c.id)
+
+
+
+def _token_live():  # noqa: ANN202
+    """1 when the caller's token (bind ``tid``) is live (not revoked, labeler active), else 0."""
+    return (
+        select(func.count())
+        .select_from(_tokens.join(_labelers, _labelers.c.id == _tokens.c.labeler_id))
+        .where(_tokens.c.id == bindparam("tid", type_=BigInteger()), _tokens.c.revoked_at.is_(None), _labelers.c.active.is_(True))
+        .scalar_subquery()
+    )
+
+
+# One round trip before leasing: is the token still live, the campaign's settings, and the lease
+# this labeler already holds in it (the oldest unexpired one), if any. No row: no such campaign.
+_current = _assign.alias("cur")
+_NEXT_CONTEXT = Prepared(
+    select(_token_live(), _campaigns.c.overlap, _campaigns.c.lease_seconds, _current.c.id, _current.c.item_id, _current.c.expires_at)
+    .select_from(
+        _campaigns.outerjoin(
+            _current,
+            and_(_current.c.labeler_id == _lab, _current.c.campaign_id == _campaigns.c.id, _current.c.status == "leased", _current.c.expires_at > _now),
+        )
+    )
+    .where(_campaigns.c.id == _cid)
+    .order_by(_current.c.id)
     .limit(1)
 )
 
@@ -333,11 +359,14 @@ _ANSWERS_PUBLIC = Prepared(
 )
 _ANSWER_IDS = Prepared(select(_answers.c.id).where(_answers.c.item_id == _iid))
 _SET_STATUS = Prepared(update(_assign).where(_assign.c.id == bindparam("aid", type_=BigInteger())).values(status=bindparam("status")))
-# The item, with the caller's assignment and ranking of it (if any), in one statement; on
-# PostgreSQL the item row is locked, which serializes every check-then-write on that item.
+# The item, with the caller's assignment and ranking of it (if any), its campaign's overlap and
+# whether the caller's token is still live, in one statement; on PostgreSQL the item row is
+# locked, which serializes every check-then-write on that item.
 _ITEM_CONTEXT = Prepared(
     select(
+        _token_live(),
         _items.c.campaign_id,
+        _campaigns.c.overlap,
         _assign.c.id,
         _assign.c.status,
         _assign.c.expires_at,
@@ -347,9 +376,9 @@ _ITEM_CONTEXT = Prepared(
         _rank.c.created_at,
     )
     .select_from(
-        _items.outerjoin(_assign, and_(_assign.c.item_id == _items.c.id, _assign.c.labeler_id == _lab)).outerjoin(
-            _rank, and_(_rank.c.item_id == _items.c.id, _rank.c.labeler_id == _lab)
-        )
+        _items.join(_campaigns, _campaigns.c.id == _items.c.campaign_id)
+        .outerjoin(_assign, and_(_assign.c.item_id == _items.c.id, _assign.c.labeler_id == _lab))
+        .outerjoin(_rank, and_(_rank.c.item_id == _items.c.id, _rank.c.labeler_id == _lab))
     )
     .where(_items.c.id == _iid)
     .with_for_update(of=_items)
@@ -380,13 +409,6 @@ def check_actor(conn: Connection, actor: Actor) -> None:
         raise Unauthorized("invalid or revoked token")
 
 
-def _campaign_settings(conn: Connection, campaign_id: int) -> tuple[int, int]:
-    row = _CAMPAIGN.first(conn, cid=campaign_id)
-    if row is None:
-        raise NotFound(f"campaign {campaign_id} not found")
-    return row[0], row[1]
-
-
 def _lease_public(conn: Connection, assignment_id: int, campaign_id: int, expires: datetime, item_id: int) -> AssignmentPublic:
     item = _ITEM_PUBLIC.first(conn, iid=item_id)
     answers = [
@@ -399,11 +421,15 @@ def _lease_public(conn: Connection, assignment_id: int, campaign_id: int, expire
 def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datetime) -> AssignmentPublic | None:
     """The labeler's current lease in this campaign, else a new lease on an item they have not
     ranked or skipped whose overlap is not yet taken; None when there is nothing left for them."""
-    check_actor(conn, actor)
-    overlap, lease_seconds = _campaign_settings(conn, campaign_id)
-    current = _CURRENT.first(conn, lab=actor.id, cid=campaign_id, now=now)
-    if current is not None:
-        return _lease_public(conn, current[0], campaign_id, current[2], current[1])
+    ctx = _NEXT_CONTEXT.first(conn, tid=actor.token_id, lab=actor.id, cid=campaign_id, now=now)
+    if ctx is None:
+        check_actor(conn, actor)  # 401 before 404
+        raise NotFound(f"campaign {campaign_id} not found")
+    live, overlap, lease_seconds, current_id, current_item, current_expires = ctx
+    if not live:
+        raise Unauthorized("invalid or revoked token")
+    if current_id is not None:
+        return _lease_public(conn, current_id, campaign_id, current_expires, current_item)
     params = {"cid": campaign_id, "lab": actor.id, "now": now, "overlap": overlap}
     expires = now + timedelta(seconds=lease_seconds)
     tried: list[int] = []
@@ -429,17 +455,22 @@ def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datet
 
 
 def _item_context(conn: Connection, item_id: int, actor: Actor) -> tuple:
-    """(campaign_id, assignment id, status, expires_at, ranking id, ranking, rationale,
-    created_at) for the item and the caller; 404 unless the caller may see the item."""
-    ctx = _ITEM_CONTEXT.first(conn, iid=item_id, lab=actor.id)
-    if ctx is None or (actor.role != "admin" and ctx[1] is None):
+    """(campaign_id, overlap, assignment id, status, expires_at, ranking id, ranking, rationale,
+    created_at) for the item and the caller (locked on PostgreSQL); 401 if the caller's token
+    was revoked meanwhile, 404 unless the caller may see the item."""
+    ctx = _ITEM_CONTEXT.first(conn, tid=actor.token_id, iid=item_id, lab=actor.id)
+    if ctx is None:
+        check_actor(conn, actor)  # 401 before 404
+        raise NotFound(f"item {item_id} not found")
+    if not ctx[0]:
+        raise Unauthorized("invalid or revoked token")
+    if actor.role != "admin" and ctx[3] is None:
         raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
-    return ctx
+    return ctx[1:]
 
 
 def skip_item(conn: Connection, item_id: int, actor: Actor, now: datetime) -> None:
-    check_actor(conn, actor)
-    _, assignment_id, status, *_ = _item_context(conn, item_id, actor)
+    _, _, assignment_id, status, *_ = _item_context(conn, item_id, actor)
     if assignment_id is None:
         raise Conflict(f"item {item_id} is not assigned to you")
     if status == "done":
@@ -471,8 +502,7 @@ def validate_ranking(item_id: int, answer_ids: Iterable[int], groups: list[list[
 
 def submit_ranking(conn: Connection, item_id: int, actor: Actor, data: RankingCreate, now: datetime) -> tuple[RankingPublic, bool]:
     """Store a ranking; (ranking, created). Re-posting the same ranking returns the stored one."""
-    check_actor(conn, actor)
-    campaign_id, assignment_id, status, expires_at, ranking_id, stored, rationale, created_at = _item_context(conn, item_id, actor)
+    campaign_id, overlap, assignment_id, status, expires_at, ranking_id, stored, rationale, created_at = _item_context(conn, item_id, actor)
     groups = _normalize(data.groups())
     validate_ranking(item_id, (r[0] for r in _ANSWER_IDS.all(conn, iid=item_id)), groups)
     if ranking_id is not None:
@@ -486,7 +516,6 @@ def submit_ranking(conn: Connection, item_id: int, actor: Actor, data: RankingCr
         raise Conflict(f"item {item_id} is not assigned to you: ask for the next item first")
     if status == "skipped":
         raise Conflict(f"you skipped item {item_id}")
-    overlap = _campaign_settings(conn, campaign_id)[0]
     if expires_at <= now and _SLOTS_OTHERS.scalar(conn, iid=item_id, now=now, lab=actor.id) >= overlap:
         raise Conflict(f"your lease on item {item_id} expired and the item went to other labelers")
     _SET_STATUS.execute(conn, aid=assignment_id, status="done")

@@ -41,8 +41,13 @@ _IDLE_EXIT_S = 5.0  # the writer thread exits when idle this long and restarts o
 
 
 class Writer:
-    def __init__(self, factory: sessionmaker[Session], group_commit: bool, max_batch: int = 128) -> None:
+    def __init__(self, factory: sessionmaker[Session], group_commit: bool, max_batch: int = 128, max_concurrent: int = 12) -> None:
         self.factory, self.group_commit, self.max_batch = factory, group_commit, max_batch
+        # Without group commit (PostgreSQL) each unit holds a pooled connection: at most this many
+        # at once, below the pool size, so a burst never opens (and closes) overflow connections,
+        # each a new server process on PostgreSQL.
+        self.max_concurrent = max_concurrent
+        self._slots: asyncio.Semaphore | None = None
         self._queue: queue.SimpleQueue[tuple[Unit, Future]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -117,7 +122,10 @@ class Writer:
     async def submit(self, unit: Unit[T]) -> T:
         """Run ``unit(session)`` in the next group commit; returns its value once it is durable."""
         if not self.group_commit:
-            return await run_in_threadpool(self.run, unit)
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.max_concurrent)
+            async with self._slots:
+                return await run_in_threadpool(self.run, unit)
         waiter = asyncio.get_running_loop().create_future()
         self._pending.append((unit, waiter))
         if self._drainer is None:

@@ -74,6 +74,33 @@ def test_tokens_are_stored_hashed_and_revocation_is_immediate(admin, make_labele
     assert e.value.status == 401
 
 
+def test_revocation_by_another_process_is_refused_at_once_on_the_hot_routes(admin, make_labeler, app) -> None:
+    """Lease, rank and skip remember who a token belongs to (no lookup per request), but re-check
+    it in their own write transaction: a revocation committed elsewhere (another worker process,
+    here a plain SQL update that this process's cache never hears of) is refused at once."""
+    c = admin.create_campaign("c", overlap=1)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(3)])
+    bob, eve = make_labeler("bob"), make_labeler("eve")
+    held = bob.next_item(c["id"])  # bob's and eve's tokens are now in the actor cache
+    eve_held = eve.next_item(c["id"])
+    ids = [x["id"] for x in held["item"]["answers"]]
+    with app.state.engine.begin() as conn:
+        conn.execute(text("UPDATE api_tokens SET revoked_at = created_at WHERE id = :t"), {"t": bob.token_id})
+        conn.execute(text("UPDATE labelers SET active = :f WHERE id = :l"), {"f": False, "l": eve.labeler_id})
+    for client, call in (
+        (bob, lambda: bob.submit_ranking(held["item"]["id"], ids)),
+        (bob, lambda: bob.next_item(c["id"])),
+        (bob, lambda: bob.skip(held["item"]["id"])),
+        (bob, lambda: bob.next_item(999)),  # 401 before 404
+        (eve, lambda: eve.submit_ranking(eve_held["item"]["id"], [x["id"] for x in eve_held["item"]["answers"]])),
+        (eve, lambda: eve.skip(eve_held["item"]["id"])),
+    ):
+        with pytest.raises(FeedbackError) as e:
+            call()
+        assert e.value.status == 401, e.value
+    assert admin.list_rankings() == [] and admin.stats(c["id"])["skips"] == 0
+
+
 def test_labeler_gets_403_on_admin_endpoints(admin, make_labeler) -> None:
     c = admin.create_campaign("c", overlap=1)
     bob = make_labeler("bob")
