@@ -15,7 +15,7 @@ from feedback_service import __version__, service
 from feedback_service.api.routes import hot, router, system
 from feedback_service.config import Settings
 from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
-from feedback_service.deps import ActorCache
+from feedback_service.deps import ActorCache, utc_now
 from feedback_service.errors import ServiceError
 from feedback_service.writer import Writer
 from feedback_service.observability import BodyLimit, Metrics, RequestObserver, log
@@ -46,6 +46,7 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     app.state.read_sessionmaker = make_sessionmaker(app.state.read_engine)
     app.state.writer = Writer(factory, group_commit=engine.dialect.name == "sqlite")
     app.state.actor_cache = ActorCache()
+    app.state.clock = utc_now  # naive UTC now; tests replace it to move time
 
     app.state.metrics = Metrics()
 

@@ -12,7 +12,9 @@ HTTP/1.1 keep-alive connections on one asyncio (uvloop when present) event loop,
 per labeler, requests written as prebuilt bytes and responses parsed by hand. Every labeler runs
 the real cycle: ``POST /campaigns/{id}/next`` (a durable lease), then
 ``POST /items/{id}/rankings`` with a full order of that item's answers (a durable ranking); a
-ranking counts when its 201 arrived. The first ``--warmup`` seconds are not counted.
+ranking counts when its 201 arrived. With ``--lease-batch N`` a labeler holds N leases at once
+(``POST /campaigns/{id}/leases?count=N``) and posts their rankings one by one. The first
+``--warmup`` seconds are not counted.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct_ms(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -113,41 +115,52 @@ def _post(path: str, token: str, body: bytes = b"") -> bytes:
     return head.encode() + b"\r\n" + body
 
 
-async def _labeler(port: int, token: str, campaign: int, clock: dict, out: dict) -> None:
+async def _labeler(port: int, token: str, campaign: int, lease_batch: int, clock: dict, out: dict) -> None:
     conn = await _Conn.open(port)
-    next_req = _post(f"/api/v1/campaigns/{campaign}/next", token)
+    if lease_batch > 1:
+        lease_req = _post(f"/api/v1/campaigns/{campaign}/leases?count={lease_batch}", token)
+    else:
+        lease_req = _post(f"/api/v1/campaigns/{campaign}/next", token)
     try:
         while time.perf_counter() < clock["end"]:
             t0 = time.perf_counter()
-            status, body = await conn.request(next_req)
+            status, body = await conn.request(lease_req)
+            t1 = time.perf_counter()
             if status == 204:
                 out["exhausted"] += 1
                 break
             if status != 200:
-                out["errors"][f"next {status}"] = out["errors"].get(f"next {status}", 0) + 1
+                out["errors"][f"lease {status}"] = out["errors"].get(f"lease {status}", 0) + 1
                 continue
-            a = json.loads(body)
-            item = a["item"]
-            ranking = json.dumps({"ranking": [x["id"] for x in reversed(item["answers"])]}).encode()
-            t1 = time.perf_counter()
-            status, body = await conn.request(_post(f"/api/v1/items/{item['id']}/rankings", token, ranking))
-            t2 = time.perf_counter()
-            if status not in (200, 201):
-                out["errors"][f"rank {status}"] = out["errors"].get(f"rank {status}", 0) + 1
-                continue
-            if t0 >= clock["start"] and t2 <= clock["end"]:  # completed inside the measured window
-                out["rankings"] += 1
-                out["submit"].append(t2 - t1)
-                out["cycle"].append(t2 - t0)
+            leases = json.loads(body)["leases"] if lease_batch > 1 else [json.loads(body)]
+            if not leases:
+                out["exhausted"] += 1
+                break
+            if t0 >= clock["start"] and t1 <= clock["end"]:
+                out["lease"].append(t1 - t0)
+            for lease in leases:
+                item = lease["item"]
+                ranking = json.dumps({"ranking": [x["id"] for x in reversed(item["answers"])]}).encode()
+                t1 = time.perf_counter()
+                status, body = await conn.request(_post(f"/api/v1/items/{item['id']}/rankings", token, ranking))
+                t2 = time.perf_counter()
+                if status not in (200, 201):
+                    out["errors"][f"rank {status}"] = out["errors"].get(f"rank {status}", 0) + 1
+                    continue
+                if t1 >= clock["start"] and t2 <= clock["end"]:  # completed inside the measured window
+                    out["rankings"] += 1
+                    out["submit"].append(t2 - t1)
+                    if lease_batch == 1:
+                        out["cycle"].append(t2 - t0)
     finally:
         conn.close()
 
 
-async def _run(port: int, tokens: list[str], campaign: int, seconds: float, warmup: float, server_pid: int) -> dict:
-    out: dict = {"rankings": 0, "submit": [], "cycle": [], "errors": {}, "exhausted": 0}
+async def _run(port: int, tokens: list[str], campaign: int, lease_batch: int, seconds: float, warmup: float, server_pid: int) -> dict:
+    out: dict = {"rankings": 0, "submit": [], "cycle": [], "lease": [], "errors": {}, "exhausted": 0}
     now = time.perf_counter()
     clock = {"start": now + warmup, "end": now + warmup + seconds}
-    tasks = [asyncio.create_task(_labeler(port, t, campaign, clock, out)) for t in tokens]
+    tasks = [asyncio.create_task(_labeler(port, t, campaign, lease_batch, clock, out)) for t in tokens]
     await asyncio.sleep(max(0.0, clock["start"] - time.perf_counter()))
     cpu0, srv0, t0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -160,10 +173,12 @@ async def _run(port: int, tokens: list[str], campaign: int, seconds: float, warm
         "rankings": out["rankings"],
         "seconds": round(elapsed, 2),
         "rankings_per_s": round(out["rankings"] / elapsed, 1),
-        "submit_p50_ms": round(_pct(out["submit"], 0.50) * 1000, 2),
-        "submit_p99_ms": round(_pct(out["submit"], 0.99) * 1000, 2),
-        "cycle_p50_ms": round(_pct(out["cycle"], 0.50) * 1000, 2),
-        "cycle_p99_ms": round(_pct(out["cycle"], 0.99) * 1000, 2),
+        "submit_p50_ms": _pct_ms(out["submit"], 0.50),
+        "submit_p99_ms": _pct_ms(out["submit"], 0.99),
+        "cycle_p50_ms": _pct_ms(out["cycle"], 0.50),  # lease + rank (with --lease-batch 1)
+        "cycle_p99_ms": _pct_ms(out["cycle"], 0.99),
+        "lease_p50_ms": _pct_ms(out["lease"], 0.50),
+        "lease_p99_ms": _pct_ms(out["lease"], 0.99),
         "server_cpu": round((srv1 - srv0) / elapsed, 2),  # cores the server used on average
         "client_cpu": round((cpu1 - cpu0) / elapsed, 2),  # cores this load generator used
         "server_cpu_ms_per_ranking": round(1000 * (srv1 - srv0) / max(1, out["rankings"]), 3),
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured time")
     p.add_argument("--items", type=int, default=40000)
     p.add_argument("--overlap", type=int, default=1, help="labelers per item")
+    p.add_argument("--lease-batch", type=int, default=1, help="1: POST next, then rank it (two requests per ranking); N > 1: POST leases?count=N, then rank each")
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the server command (repeatable)")
     args = p.parse_args(argv)
@@ -227,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: server pid {server.pid}, {args.items} items, {args.clients} clients, load starts", file=sys.stderr, flush=True)
         loop = loop_factory()
         try:
-            result = loop.run_until_complete(_run(port, tokens, c["id"], args.seconds, args.warmup, server.pid))
+            result = loop.run_until_complete(_run(port, tokens, c["id"], args.lease_batch, args.seconds, args.warmup, server.pid))
         finally:
             loop.close()
         stats = admin.get(f"/api/v1/campaigns/{c['id']}/stats").json()
-        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "workers": args.workers, "overlap": args.overlap, "stored_total": stats["rankings"], "cpus": os.cpu_count()})
+        result.update({"db": db.split(":", 1)[0], "clients": args.clients, "workers": args.workers, "overlap": args.overlap, "lease_batch": args.lease_batch, "stored_total": stats["rankings"], "cpus": os.cpu_count()})
         print(json.dumps(result))
     finally:
         server.send_signal(signal.SIGTERM)

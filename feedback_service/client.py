@@ -292,6 +292,11 @@ class FeedbackClient:
         response = self._call("POST", f"/api/v1/campaigns/{campaign_id}/next")
         return None if response.status_code == 204 else response.json()
 
+    def lease_items(self, campaign_id: int, count: int = 10) -> list[Assignment]:
+        """Hold up to ``count`` leases at once (those already held count), oldest first; an
+        empty list when nothing is left. Rank them one by one with ``submit_ranking``."""
+        return self._json("POST", f"/api/v1/campaigns/{campaign_id}/leases", params={"count": count})["leases"]
+
     def submit_ranking(self, item_id: int, ranking: Sequence[int | Sequence[int]], rationale: str | None = None) -> Ranking:
         """ranking: answer ids best first; a nested list is a tie group. Safe to retry."""
         body: dict[str, Any] = {"ranking": [list(g) if not isinstance(g, int) else g for g in ranking]}

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement
 
@@ -77,7 +78,14 @@ class Prepared:
             proc = procs.get(name)
             values[name] = proc(value) if proc is not None and value is not None else value
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(c.sql, tuple(values[n] for n in c.order) if c.order is not None else values)
+        args = tuple(values[n] for n in c.order) if c.order is not None else values
+        try:
+            cursor.execute(c.sql, args)
+        except conn.dialect.loaded_dbapi.Error as e:
+            # Wrapped as Connection.execute would (IntegrityError, OperationalError, ...), so the
+            # app's handlers answer 409 / 503 instead of 500.
+            cursor.close()
+            raise DBAPIError.instance(c.sql, args, e, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect) from e
         return c, cursor
 
     def all(self, conn: Connection, **params: Any) -> list[tuple]:

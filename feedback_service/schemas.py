@@ -174,6 +174,10 @@ class AssignmentPublic(BaseModel):
     item: ItemPublic
 
 
+class LeaseBatch(BaseModel):
+    leases: list[AssignmentPublic] = Field(description="the leases held in the campaign, oldest first; empty when nothing is left")
+
+
 class RankingCreate(Strict):
     ranking: Annotated[list[Id | Annotated[list[Id], Field(min_length=1, max_length=MAX_ANSWERS)]], Field(min_length=1, max_length=MAX_ANSWERS)] = Field(
         description="the item's answer ids best first; a nested list is a tie group, e.g. [[12], [10, 11]]"

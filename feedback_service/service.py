@@ -303,6 +303,14 @@ _NEXT_CONTEXT = Prepared(
 )
 
 
+_HELD = Prepared(
+    select(_assign.c.id, _assign.c.item_id, _assign.c.expires_at)
+    .where(_assign.c.labeler_id == _lab, _assign.c.campaign_id == _cid, _assign.c.status == "leased", _assign.c.expires_at > _now)
+    .order_by(_assign.c.id)
+    .limit(bindparam("n", type_=Integer()))
+)
+
+
 def _pick(exclude_tried: bool, skip_locked: bool):  # noqa: ANN202
     """The open item of the campaign with the lowest id that this labeler has not ranked, skipped
     or currently leased and that has a free slot, with this labeler's (expired) lease on it, if
@@ -418,27 +426,34 @@ def _lease_public(conn: Connection, assignment_id: int, campaign_id: int, expire
     return AssignmentPublic.model_construct(assignment_id=assignment_id, campaign_id=campaign_id, lease_expires_at=expires, item=public)
 
 
-def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datetime) -> AssignmentPublic | None:
-    """The labeler's current lease in this campaign, else a new lease on an item they have not
-    ranked or skipped whose overlap is not yet taken; None when there is nothing left for them."""
+def _next_context(conn: Connection, campaign_id: int, actor: Actor, now: datetime) -> tuple:
+    """(overlap, lease_seconds, oldest held lease id, its item id, its expiry): 401 if the
+    caller's token was revoked meanwhile, 404 if there is no such campaign."""
     ctx = _NEXT_CONTEXT.first(conn, tid=actor.token_id, lab=actor.id, cid=campaign_id, now=now)
     if ctx is None:
         check_actor(conn, actor)  # 401 before 404
         raise NotFound(f"campaign {campaign_id} not found")
-    live, overlap, lease_seconds, current_id, current_item, current_expires = ctx
-    if not live:
+    if not ctx[0]:
         raise Unauthorized("invalid or revoked token")
-    if current_id is not None:
-        return _lease_public(conn, current_id, campaign_id, current_expires, current_item)
+    return ctx[1:]
+
+
+def _new_lease(conn: Connection, campaign_id: int, actor: Actor, now: datetime, overlap: int, lease_seconds: int, wait: bool = True) -> AssignmentPublic | None:
+    """Lease an item the labeler has not ranked, skipped or leased, whose overlap is not yet
+    taken; None when there is nothing left for them. ``wait=False``: never wait for an item row
+    another transaction has locked (PostgreSQL), for a transaction that already holds item locks
+    and could otherwise deadlock with one waiting for them."""
     params = {"cid": campaign_id, "lab": actor.id, "now": now, "overlap": overlap}
     expires = now + timedelta(seconds=lease_seconds)
     tried: list[int] = []
     for _ in range(64):
         if not tried:
-            found = _PICK.first(conn, **params) or _PICK_WAIT.first(conn, **params)
+            found = _PICK.first(conn, **params) or (_PICK_WAIT.first(conn, **params) if wait else None)
         else:  # every candidate so far was taken under our feet: look further, waiting for locks if need be
-            skip_locked, wait = _PICK_RETRY
-            found = conn.execute(skip_locked, {**params, "tried": tried}).first() or conn.execute(wait, {**params, "tried": tried}).first()
+            skip_locked, waiting = _PICK_RETRY
+            found = conn.execute(skip_locked, {**params, "tried": tried}).first()
+            if found is None and wait:
+                found = conn.execute(waiting, {**params, "tried": tried}).first()
         if found is None:
             return None
         item_id, my_expired_lease = found
@@ -452,6 +467,28 @@ def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datet
         if assignment_id is not None:
             return _lease_public(conn, assignment_id, campaign_id, expires, item_id)
     return None
+
+
+def next_assignment(conn: Connection, campaign_id: int, actor: Actor, now: datetime) -> AssignmentPublic | None:
+    """The labeler's current lease in this campaign (the oldest), else a new lease; None when
+    there is nothing left for them."""
+    overlap, lease_seconds, current_id, current_item, current_expires = _next_context(conn, campaign_id, actor, now)
+    if current_id is not None:
+        return _lease_public(conn, current_id, campaign_id, current_expires, current_item)
+    return _new_lease(conn, campaign_id, actor, now, overlap, lease_seconds)
+
+
+def lease_items(conn: Connection, campaign_id: int, actor: Actor, now: datetime, count: int) -> list[AssignmentPublic]:
+    """Up to ``count`` leases for this labeler in this campaign, oldest first: the unexpired
+    leases they hold, topped up with new ones (for clients that keep a few items at hand)."""
+    overlap, lease_seconds, current_id, _, _ = _next_context(conn, campaign_id, actor, now)
+    out = []
+    if current_id is not None:
+        out = [_lease_public(conn, a, campaign_id, expires, i) for a, i, expires in _HELD.all(conn, lab=actor.id, cid=campaign_id, now=now, n=count)]
+    # Wait for a locked item row only while this transaction holds no item lock of its own.
+    while len(out) < count and (lease := _new_lease(conn, campaign_id, actor, now, overlap, lease_seconds, wait=not out)) is not None:
+        out.append(lease)
+    return out
 
 
 def _item_context(conn: Connection, item_id: int, actor: Actor) -> tuple:

@@ -30,6 +30,7 @@ from feedback_service.schemas import (
     ItemsCreate,
     ItemsImported,
     LabelerCreate,
+    LeaseBatch,
     LabelerPublic,
     Me,
     Progress,
@@ -227,27 +228,6 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
 
 
 @hot.post(
-    "/campaigns/{campaign_id}/next",
-    response_model=AssignmentPublic,
-    responses={204: {"description": "nothing left for this labeler"}},
-    tags=["labeling"],
-    openapi_extra=ACTOR_SECURITY,
-)
-async def next_item(campaign_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
-    """Lease the next item to rank (or return the lease already held). 204 when none is left."""
-    now = clock()
-    out = await _writer(request).submit(lambda session: service.next_assignment(session.connection(), campaign_id, actor, now))
-    return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else _json(out)
-
-
-@hot.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
-async def skip(item_id: IdPath, clock: ClockDep, actor: ActorDep, request: Request) -> SkipPublic:
-    now = clock()
-    await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
-    return SkipPublic(item_id=item_id, status="skipped")
-
-
-@hot.post(
     "/items/{item_id}/rankings",
     response_model=RankingPublic,
     status_code=status.HTTP_201_CREATED,
@@ -255,13 +235,49 @@ async def skip(item_id: IdPath, clock: ClockDep, actor: ActorDep, request: Reque
     tags=["labeling"],
     openapi_extra=ACTOR_SECURITY,
 )
-async def submit_ranking(item_id: IdPath, body: RankingCreate, clock: ClockDep, actor: ActorDep, request: Request) -> Response:
+async def submit_ranking(item_id: IdPath, body: RankingCreate, actor: ActorDep, request: Request) -> Response:
     """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
-    now = clock()
+    now = request.app.state.clock()
     ranking, created = await _writer(request).submit(lambda session: service.submit_ranking(session.connection(), item_id, actor, body, now))
     if created:
         request.state.ranking_stored = True
     return _json(ranking, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+@hot.post(
+    "/campaigns/{campaign_id}/next",
+    response_model=AssignmentPublic,
+    responses={204: {"description": "nothing left for this labeler"}},
+    tags=["labeling"],
+    openapi_extra=ACTOR_SECURITY,
+)
+async def next_item(campaign_id: IdPath, actor: ActorDep, request: Request) -> Response:
+    """Lease the next item to rank (or return the lease already held). 204 when none is left."""
+    now = request.app.state.clock()
+    out = await _writer(request).submit(lambda session: service.next_assignment(session.connection(), campaign_id, actor, now))
+    return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else _json(out)
+
+
+@hot.post("/campaigns/{campaign_id}/leases", response_model=LeaseBatch, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
+async def lease_items(
+    campaign_id: IdPath,
+    actor: ActorDep,
+    request: Request,
+    count: Annotated[int, Query(ge=1, le=100, description="how many leases to hold after the call")] = 10,
+) -> Response:
+    """Hold up to ``count`` leases at once, oldest first (those already held count): for clients
+    that keep a few items at hand, so a ranking costs one request instead of two. Overlap and
+    lease expiry apply to each lease as with ``next``; an empty list when nothing is left."""
+    now = request.app.state.clock()
+    leases = await _writer(request).submit(lambda session: service.lease_items(session.connection(), campaign_id, actor, now, count))
+    return _json(LeaseBatch.model_construct(leases=leases))
+
+
+@hot.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
+async def skip(item_id: IdPath, actor: ActorDep, request: Request) -> SkipPublic:
+    now = request.app.state.clock()
+    await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
+    return SkipPublic(item_id=item_id, status="skipped")
 
 
 @router.get("/rankings", response_model=list[RankingPublic], tags=["labeling"])

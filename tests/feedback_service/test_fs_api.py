@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import text
 
 from feedback_service.client import FeedbackClient, FeedbackError
-from feedback_service.deps import get_clock
 
 from fs_helpers import ADMIN_TOKEN, item
 
@@ -210,9 +209,38 @@ def test_overlap_skip_and_exhaustion(admin, make_labeler) -> None:
     assert (s["rankings"], s["skips"], s["queue_depth"], s["items_complete"]) == (4, 1, 0, 2)
 
 
+def test_lease_several_items_at_once(admin, make_labeler, app, live) -> None:
+    now = [datetime(2026, 1, 1, 12, 0, 0)]
+    app.state.clock = lambda: now[0]
+    c = admin.create_campaign("c", overlap=2, lease_seconds=60)
+    ids = admin.add_items(c["id"], [item(f"p{k}") for k in range(4)])["item_ids"]
+    a, b, d = make_labeler("a"), make_labeler("b"), make_labeler("d")
+    first = a.next_item(c["id"])
+    got = a.lease_items(c["id"], 3)  # the lease already held counts, and comes first
+    assert [x["item"]["id"] for x in got] == ids[:3] and got[0]["assignment_id"] == first["assignment_id"]
+    assert a.next_item(c["id"])["item"]["id"] == ids[0]  # next returns the oldest lease held
+    assert [x["item"]["id"] for x in a.lease_items(c["id"], 2)] == ids[:2]  # never gives leases back
+    assert [x["item"]["id"] for x in b.lease_items(c["id"], 10)] == ids  # overlap 2: b may take all four
+    assert d.lease_items(c["id"], 10)[0]["item"]["id"] == ids[3]  # slots left: only the one a did not take
+    assert len(d.lease_items(c["id"], 10)) == 1
+    for x in got:  # ranked one by one, like leases from next
+        a.submit_ranking(x["item"]["id"], [ans["id"] for ans in x["item"]["answers"]])
+    assert a.lease_items(c["id"], 5) == []  # a ranked 3, the 4th is taken by b and d
+    s = admin.stats(c["id"])
+    assert (s["rankings"], s["active_leases"]) == (3, 5)
+    now[0] += timedelta(seconds=61)  # every lease expired: b's and d's items come back
+    assert [x["item"]["id"] for x in a.lease_items(c["id"], 5)] == [ids[3]]
+    for bad in ("0", "101", "x"):
+        r = httpx.post(f"{live.url}/api/v1/campaigns/{c['id']}/leases", params={"count": bad}, headers=a._http.headers)
+        assert r.status_code == 422, bad
+    with pytest.raises(FeedbackError) as e:
+        a.lease_items(999, 1)
+    assert e.value.status == 404
+
+
 def test_lease_expiry_returns_item_to_queue(admin, make_labeler, app) -> None:
     now = [datetime(2026, 1, 1, 12, 0, 0)]
-    app.dependency_overrides[get_clock] = lambda: (lambda: now[0])
+    app.state.clock = lambda: now[0]
     c = admin.create_campaign("c", overlap=1, lease_seconds=60)
     admin.add_items(c["id"], [item("p1")])
     a, b = make_labeler("a"), make_labeler("b")
@@ -232,7 +260,7 @@ def test_lease_expiry_returns_item_to_queue(admin, make_labeler, app) -> None:
 
 def test_late_submission_after_expiry_accepted_while_slot_free(admin, make_labeler, app) -> None:
     now = [datetime(2026, 1, 1, 12, 0, 0)]
-    app.dependency_overrides[get_clock] = lambda: (lambda: now[0])
+    app.state.clock = lambda: now[0]
     c = admin.create_campaign("c", overlap=1, lease_seconds=60)
     admin.add_items(c["id"], [item("p1")])
     a = make_labeler("a")

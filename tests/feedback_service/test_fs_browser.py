@@ -120,10 +120,9 @@ def test_labeler_page_moves_on_when_the_lease_was_lost(browser, admin, live, app
     from playwright.sync_api import expect
 
     from feedback_service.client import FeedbackClient
-    from feedback_service.deps import get_clock
 
     now = [datetime(2026, 1, 1, 12, 0, 0)]
-    app.dependency_overrides[get_clock] = lambda: (lambda: now[0])
+    app.state.clock = lambda: now[0]
     c = admin.create_campaign("lease", overlap=1, lease_seconds=60)
     admin.add_items(c["id"], [item("only prompt", n=2)])
     ann, ben = admin.create_labeler("ann"), admin.create_labeler("ben")

@@ -73,3 +73,32 @@ def test_concurrent_labelers_rank_everything_exactly_overlap_times(admin, live) 
     assert (s["rankings"], s["items_complete"], s["queue_depth"]) == (36, 12, 0)
     for cl in clients:
         cl.close()
+
+
+def test_simultaneous_batch_leases_never_exceed_overlap(admin, live) -> None:
+    c = admin.create_campaign("c", overlap=2)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(6)])
+    clients = _labelers(admin, live, 8)
+    barrier = threading.Barrier(len(clients))
+    got: list[list[int]] = [[] for _ in clients]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            barrier.wait()
+            got[k] = [a["item"]["id"] for a in clients[k].lease_items(c["id"], 3)]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert all(len(g) == len(set(g)) for g in got)  # never the same item twice to one labeler
+    per_item = Counter(i for g in got for i in g)
+    assert len(per_item) == 6 and set(per_item.values()) == {2}  # 12 slots, all taken, none twice
+    assert admin.stats(c["id"])["active_leases"] == 12
+    for cl in clients:
+        cl.close()
