@@ -8,11 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from feedback_service import __version__, service
 from feedback_service.db import current_revision
 from feedback_service.deps import ACTOR_SECURITY, ActorDep, AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
+from feedback_service.api.fastroute import HotRoute, fast
 from feedback_service.errors import Invalid
 from feedback_service.writer import Writer
 from feedback_service.schemas import (
@@ -43,11 +44,13 @@ from feedback_service.schemas import (
 )
 
 IdPath = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ID = TypeAdapter(Annotated[int, Field(ge=1, le=2**31 - 1)])  # IdPath, for fastroute
+LEASE_COUNT = TypeAdapter(Annotated[int, Field(ge=1, le=100)])
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 router = APIRouter(prefix="/api/v1")
-hot = APIRouter(prefix="/api/v1")  # lease, rank, skip: included first, so they are matched first
+hot = APIRouter(prefix="/api/v1", route_class=HotRoute)  # lease, rank, skip: included first, so matched first; see fastroute.py
 system = APIRouter()
 
 
@@ -235,6 +238,7 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     tags=["labeling"],
     openapi_extra=ACTOR_SECURITY,
 )
+@fast(path={"item_id": ID}, body=RankingCreate)
 async def submit_ranking(item_id: IdPath, body: RankingCreate, actor: ActorDep, request: Request) -> Response:
     """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
     now = request.app.state.clock()
@@ -251,6 +255,7 @@ async def submit_ranking(item_id: IdPath, body: RankingCreate, actor: ActorDep, 
     tags=["labeling"],
     openapi_extra=ACTOR_SECURITY,
 )
+@fast(path={"campaign_id": ID})
 async def next_item(campaign_id: IdPath, actor: ActorDep, request: Request) -> Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
     now = request.app.state.clock()
@@ -259,6 +264,7 @@ async def next_item(campaign_id: IdPath, actor: ActorDep, request: Request) -> R
 
 
 @hot.post("/campaigns/{campaign_id}/leases", response_model=LeaseBatch, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
+@fast(path={"campaign_id": ID}, query={"count": (LEASE_COUNT, 10)})
 async def lease_items(
     campaign_id: IdPath,
     actor: ActorDep,
@@ -274,10 +280,12 @@ async def lease_items(
 
 
 @hot.post("/items/{item_id}/skip", response_model=SkipPublic, tags=["labeling"], openapi_extra=ACTOR_SECURITY)
-async def skip(item_id: IdPath, actor: ActorDep, request: Request) -> SkipPublic:
+@fast(path={"item_id": ID})
+async def skip(item_id: IdPath, actor: ActorDep, request: Request) -> Response:
+    """Give the item back; it is not offered to you again."""
     now = request.app.state.clock()
     await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
-    return SkipPublic(item_id=item_id, status="skipped")
+    return _json(SkipPublic(item_id=item_id, status="skipped"))
 
 
 @router.get("/rankings", response_model=list[RankingPublic], tags=["labeling"])
