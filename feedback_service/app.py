@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from feedback_service import __version__, service
 from feedback_service.api.routes import hot, router, system
 from feedback_service.config import Settings
-from feedback_service.db import make_engine, make_sessionmaker, migrate, session_scope
+from feedback_service.db import Checkpointer, make_engine, make_sessionmaker, migrate, session_scope
 from feedback_service.deps import ActorCache, utc_now
 from feedback_service.errors import ServiceError
 from feedback_service.writer import Writer
@@ -23,9 +26,25 @@ from feedback_service.observability import BodyLimit, Metrics, RequestObserver, 
 STATIC = Path(__file__).parent / "static"
 
 
+def _file_sqlite(url: str) -> bool:
+    return url.startswith("sqlite") and url.split("///", 1)[-1] not in ("", ":memory:")
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Everything built so far (modules, SQLAlchemy and pydantic machinery, the app) lives as long
+    # as the process: move it out of the collector's way. Otherwise every full collection walks
+    # those ~130,000 objects and stops the event loop for 60-90 ms, every few seconds under load.
+    gc.collect()
+    gc.freeze()
+    yield
+
+
 def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     """Build the app on ``settings.db_url``; migrate the schema and bootstrap the admin token."""
-    engine = make_engine(settings.db_url)
+    engine = make_engine(settings.db_url, background_checkpoints=_file_sqlite(settings.db_url))
+    if _file_sqlite(settings.db_url):
+        Checkpointer(engine).start()  # WAL checkpoints off the commit path (db.py)
     if run_migrations:
         migrate(engine)
     factory = make_sessionmaker(engine)
@@ -34,6 +53,7 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
             service.bootstrap_admin(session, "admin", datetime.now(timezone.utc).replace(tzinfo=None), settings.admin_token)
 
     app = FastAPI(
+        lifespan=_lifespan,
         title="alignloop feedback service",
         version=__version__,
         description="Labelers rank model answers; versioned export of preference pairs. See feedback_service/README.md.",

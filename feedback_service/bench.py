@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             admin.post(f"/api/v1/campaigns/{c['id']}/items/bulk", content="\n".join(lines[chunk : chunk + 5000]), headers={"Content-Type": "application/x-ndjson"}).raise_for_status()
         tokens = [admin.post("/api/v1/labelers", json={"name": f"bench{k}"}).json()["token"] for k in range(args.clients)]
         print(f"bench: server pid {server.pid}, {args.items} items, {args.clients} clients, load starts", file=sys.stderr, flush=True)
+        gc.collect()  # the load generator's own setup garbage must not pause it mid-run
+        gc.freeze()
         loop = loop_factory()
         try:
             result = loop.run_until_complete(_run(port, tokens, c["id"], args.lease_batch, args.seconds, args.warmup, server.pid))
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
         if schema:
             import psycopg
 
