@@ -12,14 +12,22 @@ schedule and dtype. Data: the first pairs of HH-RLHF harmless-base from
 ``../shared/data`` when present (read in place), else synthetic marker pairs.
 
 Rows:
-- ``alignloop``: ``reward.trainer.train_worker`` in this process, padding-free batches (default).
-- ``alignloop-padded``: the same with right-padded batches (``data.packing=false``).
+- ``alignloop``: ``reward.trainer.train_worker`` in this process with its defaults: shared-prefix
+  batches (each pair's common history computed once), ``data.packing=auto`` (right padding on CPU)
+  and ``data.group_by_length`` (a step's micro-batches from pairs of similar length);
+- ``alignloop-padded``: right-padded batches, no shared prefix, no grouping: the same micro-batches
+  and the same work as TRL (a control for the loop's own overhead);
+- ``alignloop-packed``: one padding-free row per micro-batch, no shared prefix, no grouping;
 - ``trl``: ``RewardTrainer`` as shipped (right-padded chosen+rejected batches).
 
-pairs/s = global batch / mean wall time of the measured steps (the first
-``--warmup`` steps are dropped). The step-1 loss of each row is printed: equal
-starts and data give equal losses, a check that the rows do the same work.
-Writes ``bench/results/reward.json``.
+Per optimizer step both the wall time and the process CPU time (user+sys of this process, all
+threads: ``time.process_time``) are taken; pairs/s = global batch / mean of the measured steps
+(the first ``--warmup`` steps of each run are dropped). CPU-time pairs/s are less sensitive to
+other jobs on a shared machine (a step that waits for a core costs wall time, not CPU time).
+``--rounds N`` runs the systems N times, reversing the order every other round, and reports the
+ratio per round (neighbours in time) and the median. The step-1 loss of each row is printed:
+equal starts and data give equal losses, a check that the rows do the same work.
+Writes ``bench/results/reward.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-SYSTEMS = ("alignloop", "alignloop-padded", "trl")
+SYSTEMS = ("alignloop", "alignloop-padded", "alignloop-packed", "trl")
+LAYOUTS = {"alignloop": ("auto", True, True),  # data.packing, data.shared_prefix, data.group_by_length
+           "alignloop-padded": (False, False, False), "alignloop-packed": (True, False, False)}
 
 
 def parse_args(argv=None):
@@ -50,11 +60,13 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="smollm2", help="model path (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (default 6)")
+    ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times, order reversed every other round")
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the measurement (default 1)")
     ap.add_argument("--global-batch", type=int, default=8, help="pairs per optimizer step (default 8)")
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward (default 4)")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per conversation (default 128)")
     ap.add_argument("--data", default=str(HH) if HH.is_file() else "synthetic", help="preference file or 'synthetic'")
+    ap.add_argument("--truncation", default="pair", choices=("pair", "each"), help="data.truncation (default pair)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=42)
@@ -82,7 +94,7 @@ def prepare(args, work: Path):
             rows_file.write_text("".join(next(fh) for _ in range(n)))
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
-    ex = tokenize_preferences(read_preferences(rows_file), tok, args.max_length)
+    ex = tokenize_preferences(read_preferences(rows_file), tok, args.max_length, args.truncation)
     order = [i for s in range(args.steps) for i in global_batch_indices(len(ex), args.global_batch, s, args.seed)]
     trl_rows = [{"chosen_ids": ex[i].input_ids[0], "rejected_ids": ex[i].input_ids[1]} for i in order]
     tokens = sum(len(ids) for e in ex for ids in e.input_ids)
@@ -99,25 +111,44 @@ def fresh_model(args, path: str, pad_id: int):
     return load_reward_model(ModelConfig(path=path), PeftConfig(method="full"), path, pad_id)
 
 
-def run_alignloop(args, rows_file: Path, work: Path, packing: bool) -> dict:
+class Clock:
+    """Wall and process CPU time of each optimizer step."""
+
+    def __init__(self):
+        self.wall, self.cpu, self._t = [], [], None
+
+    def begin(self):
+        self._t = (time.perf_counter(), time.process_time())
+
+    def end(self):
+        w, c = self._t
+        self.wall.append(time.perf_counter() - w)
+        self.cpu.append(time.process_time() - c)
+
+
+def run_alignloop(args, rows_file: Path, work: Path, name: str) -> dict:
     from reward.config import RewardConfig
     from reward.trainer import train_worker
 
-    name = "alignloop" if packing else "alignloop-padded"
+    packing, shared, grouped = LAYOUTS[name]
     run = work / name
     shutil.rmtree(run, ignore_errors=True)
     cfg = RewardConfig.model_validate({
         "output_dir": str(work), "run_name": name, "model": {"path": args.model}, "peft": {"method": "full"},
-        "data": {"train": str(rows_file), "eval_fraction": 0.0, "max_length": args.max_length, "packing": packing},
+        "data": {"train": str(rows_file), "eval_fraction": 0.0, "max_length": args.max_length, "packing": packing,
+                 "shared_prefix": shared, "group_by_length": grouped, "truncation": args.truncation},
         "eval": {"stats_max_examples": 1},
         "optim": {"lr": args.lr, "warmup_steps": 0, "scheduler": "cosine", "betas": [0.9, 0.95]},
         "train": {"strategy": "single", "max_steps": args.steps, "global_batch_size": args.global_batch,
                   "micro_batch_size": args.micro_batch, "seed": args.seed, "save_every": 10**6}})
     run.mkdir(parents=True)
-    train_worker({"cfg": cfg.model_dump(mode="json"), "run_dir": str(run), "threads": args.threads})
+    clock = Clock()
+    train_worker({"cfg": cfg.model_dump(mode="json"), "run_dir": str(run), "threads": args.threads},
+                 step_hook=lambda event, step: clock.begin() if event == "begin" else clock.end())
     m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in m if x.get("time/step_s") is not None]
-    return {"step_s": [x["time/step_s"] for x in steps], "loss": [x["loss/reward"] for x in steps]}
+    shutil.rmtree(run, ignore_errors=True)
+    return {"step_s": clock.wall, "step_cpu_s": clock.cpu, "loss": [x["loss/reward"] for x in steps]}
 
 
 def run_trl(args, trl_rows, tok, path: str, work: Path) -> dict:
@@ -129,13 +160,13 @@ def run_trl(args, trl_rows, tok, path: str, work: Path) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.begin, self.end = [], []
+            self.clock = Clock()
 
         def on_step_begin(self, a, state, control, **kw):
-            self.begin.append(time.perf_counter())
+            self.clock.begin()
 
         def on_step_end(self, a, state, control, **kw):
-            self.end.append(time.perf_counter())
+            self.clock.end()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +185,12 @@ def run_trl(args, trl_rows, tok, path: str, work: Path) -> dict:
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(work / "trl", ignore_errors=True)
-    return {"step_s": [e - b for b, e in zip(clock.begin, clock.end)], "loss": [h["loss"] for h in logs]}
+    return {"step_s": clock.clock.wall, "step_cpu_s": clock.clock.cpu, "loss": [h["loss"] for h in logs]}
+
+
+def rate(args, step_s: list[float]) -> float:
+    measured = step_s[args.warmup:]
+    return args.global_batch / statistics.mean(measured)
 
 
 def main(argv=None) -> int:
@@ -163,36 +199,66 @@ def main(argv=None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}")
+    if args.steps <= args.warmup:
+        raise SystemExit("--steps must exceed --warmup")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows_file, trl_rows, tok, path, tokens_per_pair = prepare(args, work)
-    results = {}
+    runs = []
     load = {"start": os.getloadavg()}
-    for name in systems:
-        t0 = time.perf_counter()
-        if name == "trl":
-            r = run_trl(args, trl_rows, tok, path, work)
-        else:
-            r = run_alignloop(args, rows_file, work, packing=name == "alignloop")
-        measured = r["step_s"][args.warmup:]
-        r["pairs_per_s"] = args.global_batch / statistics.mean(measured)
-        r["wall_s"] = round(time.perf_counter() - t0, 1)
-        results[name] = r
-        print(f"[bench] {name}: {r['pairs_per_s']:.3f} pairs/s (steps {', '.join(f'{x:.2f}' for x in measured)} s), "
-              f"loss step 1 {r['loss'][0]:.4f}", flush=True)
+    for rnd in range(args.rounds):
+        for name in systems if rnd % 2 == 0 else systems[::-1]:
+            t0 = time.perf_counter()
+            la0 = os.getloadavg()
+            if name == "trl":
+                r = run_trl(args, trl_rows, tok, path, work)
+            else:
+                r = run_alignloop(args, rows_file, work, name)
+            r.update({"system": name, "round": rnd, "pairs_per_s": rate(args, r["step_s"]),
+                      "pairs_per_cpu_s": rate(args, r["step_cpu_s"]), "wall_s": round(time.perf_counter() - t0, 1),
+                      "load_average": [la0, os.getloadavg()]})
+            runs.append(r)
+            print(f"[bench] round {rnd} {name}: {r['pairs_per_s']:.3f} pairs/s wall, {r['pairs_per_cpu_s']:.3f} pairs/CPU-s "
+                  f"(steps {', '.join(f'{w:.1f}/{c:.1f}' for w, c in zip(r['step_s'], r['step_cpu_s']))} s wall/CPU), "
+                  f"loss step 1 {r['loss'][0]:.6f}, load {la0[0]:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
     load["end"] = os.getloadavg()
-    ratio = None
-    if "alignloop" in results and "trl" in results:
-        ratio = results["alignloop"]["pairs_per_s"] / results["trl"]["pairs_per_s"]
-        print(f"[bench] alignloop / trl = {ratio:.2f}x", flush=True)
-    out = {"model": args.model, "data": args.data, "steps": args.steps, "warmup": args.warmup,
+    summary = {}
+    for name in systems:
+        mine = [r for r in runs if r["system"] == name]
+        wall = [x for r in mine for x in r["step_s"][args.warmup:]]
+        cpu = [x for r in mine for x in r["step_cpu_s"][args.warmup:]]
+        summary[name] = {"pairs_per_s": args.global_batch / statistics.mean(wall),
+                         "pairs_per_cpu_s": args.global_batch / statistics.mean(cpu),
+                         "step_s_median": statistics.median(wall), "step_cpu_s_median": statistics.median(cpu)}
+    ratios = {}
+    if "trl" in systems:
+        for name in systems:
+            if name == "trl":
+                continue
+            per_round = []
+            for rnd in range(args.rounds):
+                a = next(r for r in runs if r["system"] == name and r["round"] == rnd)
+                t = next(r for r in runs if r["system"] == "trl" and r["round"] == rnd)
+                per_round.append({"wall": a["pairs_per_s"] / t["pairs_per_s"], "cpu": a["pairs_per_cpu_s"] / t["pairs_per_cpu_s"]})
+            ratios[name] = {
+                "wall": summary[name]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
+                "cpu": summary[name]["pairs_per_cpu_s"] / summary["trl"]["pairs_per_cpu_s"],
+                "wall_median_of_rounds": statistics.median(x["wall"] for x in per_round),
+                "cpu_median_of_rounds": statistics.median(x["cpu"] for x in per_round),
+                "per_round": per_round}
+            walls = ", ".join(f"{x['wall']:.2f}" for x in per_round)
+            cpus = ", ".join(f"{x['cpu']:.2f}" for x in per_round)
+            print(f"[bench] {name} / trl: {ratios[name]['wall']:.2f}x wall, {ratios[name]['cpu']:.2f}x CPU time "
+                  f"(per round: wall {walls}; CPU {cpus})", flush=True)
+    out = {"model": args.model, "data": args.data, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "global_batch": args.global_batch, "micro_batch": args.micro_batch, "max_length": args.max_length,
-           "tokens_per_pair": round(tokens_per_pair, 1), "threads": args.threads, "load_average": load,
-           "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "ratio_alignloop_over_trl": ratio,
-           "results": {k: {kk: v for kk, v in r.items()} for k, r in results.items()}}
+           "truncation": args.truncation, "tokens_per_pair": round(tokens_per_pair, 1), "threads": args.threads,
+           "torch_threads": __import__("torch").get_num_threads(), "load_average": load,
+           "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "summary": summary, "ratios_over_trl": ratios,
+           "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({"ratio_alignloop_over_trl": ratio, **{k: round(r["pairs_per_s"], 3) for k, r in results.items()}}))
+    print(json.dumps({k: {"wall": round(v["wall"], 3), "cpu": round(v["cpu"], 3)} for k, v in ratios.items()}))
     return 0
 
 
