@@ -72,6 +72,24 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _postgres_cpu_seconds() -> float:
+    """CPU seconds of every PostgreSQL server process on this machine (its backends do part of
+    the work of a request; other users of the same server are counted too)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "postgres":
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 class _Conn:
     """One keep-alive HTTP/1.1 connection; ``request`` returns (status, body bytes)."""
 
@@ -158,16 +176,18 @@ async def _labeler(port: int, token: str, campaign: int, lease_batch: int, clock
         conn.close()
 
 
-async def _run(port: int, tokens: list[str], campaign: int, lease_batch: int, seconds: float, warmup: float, server_pid: int) -> dict:
+async def _run(port: int, tokens: list[str], campaign: int, lease_batch: int, seconds: float, warmup: float, server_pid: int, postgres: bool) -> dict:
     out: dict = {"rankings": 0, "submit": [], "cycle": [], "lease": [], "errors": {}, "exhausted": 0}
     now = time.perf_counter()
     clock = {"start": now + warmup, "end": now + warmup + seconds}
     tasks = [asyncio.create_task(_labeler(port, t, campaign, lease_batch, clock, out)) for t in tokens]
     await asyncio.sleep(max(0.0, clock["start"] - time.perf_counter()))
     cpu0, srv0, t0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    pg0 = _postgres_cpu_seconds() if postgres else 0.0
     load0 = os.getloadavg()[0]
     await asyncio.sleep(max(0.0, clock["end"] - time.perf_counter()))
     cpu1, srv1, t1 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
+    pg1 = _postgres_cpu_seconds() if postgres else 0.0
     load1 = os.getloadavg()[0]
     await asyncio.gather(*tasks)
     elapsed = t1 - t0
@@ -185,6 +205,7 @@ async def _run(port: int, tokens: list[str], campaign: int, lease_batch: int, se
         "client_cpu": round((cpu1 - cpu0) / elapsed, 2),  # cores this load generator used
         "server_cpu_ms_per_ranking": round(1000 * (srv1 - srv0) / max(1, out["rankings"]), 3),
         "client_cpu_ms_per_ranking": round(1000 * (cpu1 - cpu0) / max(1, out["rankings"]), 3),
+        **({"postgres_cpu": round((pg1 - pg0) / elapsed, 2), "postgres_cpu_ms_per_ranking": round(1000 * (pg1 - pg0) / max(1, out["rankings"]), 3)} if postgres else {}),
         "load_avg_1m": [round(load0, 2), round(load1, 2)],
         "errors": out["errors"],
         "exhausted_clients": out["exhausted"],
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         loop = loop_factory()
         try:
-            result = loop.run_until_complete(_run(port, tokens, c["id"], args.lease_batch, args.seconds, args.warmup, server.pid))
+            result = loop.run_until_complete(_run(port, tokens, c["id"], args.lease_batch, args.seconds, args.warmup, server.pid, schema is not None))
         finally:
             loop.close()
         stats = admin.get(f"/api/v1/campaigns/{c['id']}/stats").json()

@@ -87,11 +87,10 @@ class Assignment(Base):
     __tablename__ = "assignments"
     __table_args__ = (
         UniqueConstraint("item_id", "labeler_id", name="uq_assignments_item_labeler"),
-        Index("ix_assignments_labeler_status", "labeler_id", "status"),
         Index("ix_assignments_labeler_campaign_status", "labeler_id", "campaign_id", "status"),  # migration 0004
     )
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))  # indexed by uq_assignments_item_labeler
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     status: Mapped[str] = mapped_column(String(16))  # "leased" | "done" | "skipped"
@@ -105,7 +104,7 @@ class Ranking(Base):
     __tablename__ = "rankings"
     __table_args__ = (UniqueConstraint("item_id", "labeler_id", name="uq_rankings_item_labeler"),)
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))  # indexed by uq_rankings_item_labeler
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     ranking: Mapped[list[list[int]]] = mapped_column(JSON)  # tie groups of answer ids, best first
