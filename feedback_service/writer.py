@@ -221,14 +221,24 @@ class Writer:
 
 
 def _resolve(outcomes: list[Outcome]) -> None:
-    """Complete futures of the running event loop (a request that went away is left alone)."""
+    """Complete the batch's asyncio futures (a request that went away is left alone). They
+    normally belong to the running event loop; one of another loop (an app served by two loops,
+    as tests can do) is completed through that loop."""
+    running = asyncio.get_running_loop()
     for future, value, error in outcomes:
-        if future.done():
-            continue
-        if error is not None:
-            future.set_exception(error)
+        if future.get_loop() is not running:
+            future.get_loop().call_soon_threadsafe(_resolve_one, future, value, error)
         else:
-            future.set_result(value)
+            _resolve_one(future, value, error)
+
+
+def _resolve_one(future: asyncio.Future, value: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 def _deliver(outcomes: list[Outcome]) -> None:

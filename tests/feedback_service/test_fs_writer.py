@@ -85,3 +85,23 @@ def test_a_failed_unit_leaves_nothing_and_the_next_one_works(writer: Writer) -> 
     assert _names(writer) == {"y"}
     with writer.factory() as s:
         assert s.scalar(select(func.count()).select_from(Labeler)) == 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_async_submits_are_group_committed_and_a_broken_flush_costs_only_its_unit(writer: Writer) -> None:
+    """submit() (the app's path): units queued while a batch commits form the next batch; a unit
+    whose ORM flush fails (here a duplicate name) breaks the transaction, so it gets its error and
+    the other units of its batch run again in a new one; nobody is answered before the commit."""
+    import asyncio
+
+    from sqlalchemy.exc import IntegrityError
+
+    async def main() -> list:
+        units = [_add(f"a{k}") for k in range(30)] + [_add("a3"), _add("bad", fail_after_write=True), _add("z")]
+        return await asyncio.gather(*(writer.submit(u) for u in units), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert results[:30] == [f"a{k}" for k in range(30)] and results[-1] == "z"
+    assert isinstance(results[30], IntegrityError) and isinstance(results[31], Conflict)
+    assert _names(writer) == {f"a{k}" for k in range(30)} | {"z"}
+    assert 1 <= writer.batches < 30  # grouped (the first unit may go alone)
