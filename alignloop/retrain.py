@@ -396,26 +396,16 @@ class RetrainLoop:
 
 # ------------------------------------------------------------------------------------------- CLI
 def submit(address: str, config: str, extra: list[str]) -> int:
-    """Send one cycle (``--once``) to a Ray cluster as a job; prints the job id and follows its logs."""
-    from ray.job_submission import JobSubmissionClient
+    """Send one cycle (``--once``) to a Ray cluster as a job through ``ray job submit`` (which uploads this directory,
+    follows the job's logs and exits with its status)."""
+    import shutil
+    import subprocess
 
-    client = JobSubmissionClient(address)
-    entry = " ".join(["alignloop", "retrain", "--config", config, "--once", *extra])
-    job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": "."})
-    print(f"[retrain] submitted job {job} to {address}: {entry}", flush=True)
-    from ray.job_submission import JobStatus
-
-    shown = 0
-    while True:  # follow the job's log until it ends
-        status = client.get_job_status(job)
-        logs = client.get_job_logs(job)
-        print(logs[shown:], end="", flush=True)
-        shown = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(2)
-    print(f"[retrain] job {job}: {status}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "job", "submit", f"--address={address}", "--working-dir", ".", "--",
+           "alignloop", "retrain", "--config", config, "--once", *extra]
+    print(f"[retrain] submitting one cycle to {address}: {' '.join(cmd[cmd.index('--') + 1:])}", flush=True)
+    return subprocess.run(cmd).returncode
 
 
 def _body(argv: list[str]) -> int:

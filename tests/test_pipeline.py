@@ -246,7 +246,13 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path, service
                ALIGNLOOP_FEEDBACK_TOKEN=service.admin_token)  # the cluster's nodes hold the service token (ray_cluster.yaml)
     ray = str(BIN / "ray")
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    start = subprocess.run([ray, "start", "--head", "--port=6393", "--dashboard-port=8283", "--num-cpus=2",
+    from alignloop.feedback_link import free_port
+
+    # Every port of this head its own: another Ray on the machine (a test's ray.init, a user's cluster) holds the
+    # default agent ports, and a head whose job agent cannot bind answers "No available agent to submit job".
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    start = subprocess.run([ray, "start", "--head", "--port=6393", "--dashboard-port=8283", "--num-cpus=2", *ports,
                             "--include-dashboard=true", f"--temp-dir={short}", "--disable-usage-stats"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
@@ -272,8 +278,8 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path, service
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
         state = json.loads((tmp_path / "loopcfg" / "loop" / "state.json").read_text())
         assert state["completed"] == 1 and state["production"].startswith("sft-")
-    finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    finally:  # stop this head only (``ray stop`` would stop every Ray on the machine)
+        subprocess.run(["pkill", "-f", short], capture_output=True, timeout=60)
 
 
 def test_demo_command_on_tiny_models(tiny_model, tiny_data, tmp_path):
