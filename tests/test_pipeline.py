@@ -278,8 +278,18 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path, service
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
         state = json.loads((tmp_path / "loopcfg" / "loop" / "state.json").read_text())
         assert state["completed"] == 1 and state["production"].startswith("sft-")
-    finally:  # stop this head only (``ray stop`` would stop every Ray on the machine)
-        subprocess.run(["pkill", "-f", short], capture_output=True, timeout=60)
+    finally:  # stop this head only (``ray stop`` would stop every Ray on the machine): its processes and their children
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            if any(short in part for part in (p.info["cmdline"] or [])):
+                procs += [p, *p.children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 def test_demo_command_on_tiny_models(tiny_model, tiny_data, tmp_path):
