@@ -3,9 +3,9 @@ real server process over loopback for a fixed time; reports acknowledged (durabl
 second, the p50 / p99 latency of the ranking POST and of the whole next+submit cycle, the load
 average, and how much CPU the server and the load generator used.
 
-    python -m feedback_service.bench                      # SQLite in a temporary directory
-    python -m feedback_service.bench --db postgresql+psycopg://postgres@127.0.0.1:5432/test
-    python -m feedback_service.bench --clients 32 --seconds 20 --workers 2
+    python -m feedback_service.bench --workers 2          # SQLite in a temporary directory
+    python -m feedback_service.bench --workers 2 --db postgresql+psycopg://postgres@127.0.0.1:5432/test
+    python -m feedback_service.bench --clients 32 --seconds 20 --workers 2 --lease-batch 8
 
 The load generator is deliberately cheap, so that on a small machine the server gets the CPU: raw
 HTTP/1.1 keep-alive connections on one asyncio (uvloop when present) event loop, one connection
@@ -73,8 +73,8 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _postgres_cpu_seconds() -> float:
-    """CPU seconds of every PostgreSQL server process on this machine (its backends do part of
-    the work of a request; other users of the same server are counted too)."""
+    """CPU seconds of every PostgreSQL server process on this machine, exited backends included
+    (they do part of the work of a request; other users of the same server are counted too)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for proc in Path("/proc").iterdir():
@@ -84,7 +84,8 @@ def _postgres_cpu_seconds() -> float:
             if (proc / "comm").read_text().strip() != "postgres":
                 continue
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            # utime + stime, plus cutime + cstime: backends that exited are in the postmaster's
+            total += sum(int(f) for f in fields[11:15]) / tick
         except (OSError, IndexError, ValueError):
             pass
     return total
@@ -215,10 +216,10 @@ async def _run(port: int, tokens: list[str], campaign: int, lease_batch: int, se
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m feedback_service.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--db", help="database URL (default: SQLite in a temporary directory)")
-    p.add_argument("--clients", type=int, default=32, help="concurrent labeler clients (one connection each)")
+    p.add_argument("--clients", type=int, default=16, help="concurrent labeler clients (one connection each)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured time")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured time")
-    p.add_argument("--items", type=int, default=40000)
+    p.add_argument("--items", type=int, default=20000)
     p.add_argument("--overlap", type=int, default=1, help="labelers per item")
     p.add_argument("--lease-batch", type=int, default=1, help="1: POST next, then rank it (two requests per ranking); N > 1: POST leases?count=N, then rank each")
     p.add_argument("--workers", type=int, default=1, help="server processes")
