@@ -12,9 +12,10 @@ from pathlib import Path
 from feedback_service.config import ADMIN_TOKEN_ENV, DATA_DIR_ENV, DB_ENV, WORKER_ENV, Settings
 
 
-# The group-commit writer thread gives up the GIL inside every SQLite call; with the default 5 ms
-# switch interval, a busy event loop then keeps it for up to 5 ms each time, so a batch of a few
-# dozen statements waited tens of milliseconds (a GIL convoy). 0.2 ms bounds that wait.
+# Threads that wait on the database (the group commit's BEGIN/COMMIT helper, PostgreSQL units in
+# the thread pool) give up the GIL for every call and then wait for the busy event loop to hand
+# it back: up to the 5 ms default switch interval each time, which adds up to tens of ms per
+# request under load (a GIL convoy). 0.2 ms bounds that wait.
 SWITCH_INTERVAL_S = 0.0002
 
 

@@ -96,7 +96,11 @@ def test_simultaneous_batch_leases_never_exceed_overlap(admin, live) -> None:
     for t in threads:
         t.join(60)
     assert not errors
-    assert all(len(g) == len(set(g)) for g in got)  # never the same item twice to one labeler
+    assert all(len(g) == len(set(g)) <= 3 for g in got)  # never the same item twice to one labeler
+    assert max(Counter(i for g in got for i in g).values()) <= 2  # never beyond the overlap
+    # "Up to count": on PostgreSQL a batch skips rows other requests hold locked right now, so a
+    # labeler may get fewer under contention; asked again one by one, they fill every slot.
+    got = [[a["item"]["id"] for a in cl.lease_items(c["id"], 3)] for cl in clients]
     per_item = Counter(i for g in got for i in g)
     assert len(per_item) == 6 and set(per_item.values()) == {2}  # 12 slots, all taken, none twice
     assert admin.stats(c["id"])["active_leases"] == 12

@@ -148,7 +148,8 @@ def test_acknowledged_rankings_survive_sigkill(server, tmp_path) -> None:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL: same row locks as threads
 def test_two_worker_processes_share_one_database(db_url, tmp_path) -> None:
     """`--workers 2`: migrations and the admin bootstrap run once; both processes serve, and the
-    overlap still holds across processes (SQLite's lock, not the in-process writer queue)."""
+    overlap still holds across processes (the writers' lock file and SQLite's lock, not the
+    in-process group commit)."""
     server = ServerProcess(db_url, tmp_path, tmp_path / "workers.log", ("--workers", "2"))
     server.start()  # returns once one worker answers; wait for the second to come up too
     log_path = tmp_path / "workers.log"
