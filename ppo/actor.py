@@ -223,7 +223,15 @@ class CriticTrainer:
 
     def save_final(self, out: Path, tokenizer_dir: str | None = None) -> None:
         """The trained value model as a plain HF ``*ForSequenceClassification`` (LoRA merged) in ``out``: loadable with
-        ``AutoModelForSequenceClassification`` and usable as ``critic.init_from`` of the next run. A collective under ZeRO-3."""
+        ``AutoModelForSequenceClassification`` and usable as ``critic.init_from`` of the next run.
+
+        Not under ZeRO-3: there a model built after training is partitioned by DeepSpeed's init context (a collective
+        rank 0 cannot run alone); the critic stays in the run's checkpoints."""
+        if getattr(self.strategy, "ds_cfg", None) is not None and self.strategy.ds_cfg.zero_stage == 3:
+            if self.rank == 0:
+                print("[alignloop] ppo: critic export to final/critic is not done under ZeRO-3 (it is in the checkpoints)",
+                      flush=True)
+            return
         sd = self.strategy.full_state_dict()
         if self.rank != 0:
             return

@@ -271,7 +271,7 @@ def test_ray_job_submit_of_the_pipeline(tiny_model, tiny_data, tmp_path, service
                             "algo.num_mini_batches=1", "rollout.engine=hf"],
                            capture_output=True, text=True, env=env, timeout=900)
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
-        assert (tmp_path / "ppojob" / "ppo" / "final" / "critic" / "config.json").exists()
+        assert (tmp_path / "ppojob" / "ppo" / "final" / "model.safetensors").exists()
         # one retrain cycle as a job: the first start makes SFT the production policy; no rankings yet -> a recorded no-op
         r = subprocess.run([str(BIN / "alignloop"), "retrain", "--config", str(retrain_yaml), "--submit", "http://127.0.0.1:8283"],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)

@@ -117,7 +117,12 @@ def test_ray_job_submit_to_local_head(tiny_model, tiny_data, tmp_path):
     import tempfile
 
     short = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
-    start = subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+    from alignloop.feedback_link import free_port
+
+    # Free agent ports: another Ray on the machine holding the defaults makes the head refuse jobs ("No available agent").
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    start = subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2", *ports,
                             "--include-dashboard=true", f"--temp-dir={short}", "--disable-usage-stats"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]

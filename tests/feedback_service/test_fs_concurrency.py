@@ -100,8 +100,11 @@ def test_simultaneous_batch_leases_never_exceed_overlap(admin, live) -> None:
     assert max(Counter(i for g in got for i in g).values()) <= 2  # never beyond the overlap
     # "Up to count": on PostgreSQL a batch skips rows other requests hold locked right now, so a
     # labeler may get fewer under contention; asked again one by one, they fill every slot.
-    got = [[a["item"]["id"] for a in cl.lease_items(c["id"], 3)] for cl in clients]
-    per_item = Counter(i for g in got for i in g)
+    for _ in range(5):  # a row still locked by a finishing transaction is skipped once more: ask again
+        got = [[a["item"]["id"] for a in cl.lease_items(c["id"], 3)] for cl in clients]
+        per_item = Counter(i for g in got for i in g)
+        if len(per_item) == 6 and set(per_item.values()) == {2}:
+            break
     assert len(per_item) == 6 and set(per_item.values()) == {2}  # 12 slots, all taken, none twice
     assert admin.stats(c["id"])["active_leases"] == 12
     for cl in clients:
