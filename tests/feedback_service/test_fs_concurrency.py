@@ -14,19 +14,17 @@ def _labelers(admin, live, n: int) -> list[FeedbackClient]:  # noqa: ANN001
     return [FeedbackClient(live.url, admin.create_labeler(f"lab{k}")["token"], retries=0) for k in range(n)]
 
 
-def test_simultaneous_next_never_exceeds_overlap(admin, live) -> None:
-    c = admin.create_campaign("c", overlap=2)
-    admin.add_items(c["id"], [item(f"p{k}") for k in range(3)])
-    clients = _labelers(admin, live, 10)
+def _all_at_once(clients, fn):  # noqa: ANN001, ANN202
+    """fn(client) in one thread per client, all released together by a barrier; results in client order.
+    Any error in a thread fails the test."""
     barrier = threading.Barrier(len(clients))
-    got: list[int | None] = [None] * len(clients)
+    results: list = [None] * len(clients)
     errors: list[BaseException] = []
 
     def work(k: int) -> None:
         try:
             barrier.wait()
-            a = clients[k].next_item(c["id"])
-            got[k] = a["item"]["id"] if a else None
+            results[k] = fn(clients[k])
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -35,7 +33,18 @@ def test_simultaneous_next_never_exceeds_overlap(admin, live) -> None:
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors
+    assert not errors, errors
+    return results
+
+def test_simultaneous_next_never_exceeds_overlap(admin, live) -> None:
+    c = admin.create_campaign("c", overlap=2)
+    admin.add_items(c["id"], [item(f"p{k}") for k in range(3)])
+    clients = _labelers(admin, live, 10)
+    def lease(cl) -> int | None:  # noqa: ANN001
+        a = cl.next_item(c["id"])
+        return a["item"]["id"] if a else None
+
+    got = _all_at_once(clients, lease)
     per_item = Counter(g for g in got if g is not None)
     assert len(per_item) == 3 and max(per_item.values()) == 2 and sum(per_item.values()) == 6
     assert admin.stats(c["id"])["active_leases"] == 6
@@ -79,23 +88,7 @@ def test_simultaneous_batch_leases_never_exceed_overlap(admin, live) -> None:
     c = admin.create_campaign("c", overlap=2)
     admin.add_items(c["id"], [item(f"p{k}") for k in range(6)])
     clients = _labelers(admin, live, 8)
-    barrier = threading.Barrier(len(clients))
-    got: list[list[int]] = [[] for _ in clients]
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        try:
-            barrier.wait()
-            got[k] = [a["item"]["id"] for a in clients[k].lease_items(c["id"], 3)]
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(clients))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    got = _all_at_once(clients, lambda cl: [a["item"]["id"] for a in cl.lease_items(c["id"], 3)])
     assert all(len(g) == len(set(g)) <= 3 for g in got)  # never the same item twice to one labeler
     assert max(Counter(i for g in got for i in g).values()) <= 2  # never beyond the overlap
     # "Up to count": on PostgreSQL a batch skips rows other requests hold locked right now, so a
