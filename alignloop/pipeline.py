@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from alignloop.config import ConfigError, Section, dump_config, load_config, parse_override
+from alignloop.config import ConfigError, Section, dump_config, load_config
 from alignloop.registry import Artifact, Registry, file_inputs, hash_path, stable_hash
 
 STAGE_CLASSES = {"sft": "sft.config:SFTConfig", "reward": "reward.config:RewardConfig", "ppo": "ppo.config:PPOConfig",
@@ -154,18 +153,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """``{dotted.key: value}`` as command-line overrides (non-strings as JSON, which the YAML parser reads back)."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+
+
 def build_stage_config(kind: str, ref: StageRef, links: dict[str, Any], where: str) -> dict:
     """The stage YAML + the section's overrides + the pipeline's links, validated by the stage's own config class."""
     cls = _import(STAGE_CLASSES[kind])
     p = Path(ref.config)
     if not p.is_file():
         raise ConfigError(f"{where}.config: file not found: {p}")
-    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in ref.overrides.items()]
-    for ov in overrides:
-        parse_override(ov)
     try:
-        cfg = load_config(cls, p, overrides + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
-                                               for k, v in links.items()])
+        cfg = load_config(cls, p, as_overrides(ref.overrides) + as_overrides(links))
     except ConfigError as e:
         raise ConfigError(f"{where} ({p}): {e}") from None
     return cfg.model_dump(mode="json")
@@ -723,4 +723,4 @@ def main(argv: list[str]) -> int:
     return run_stage("pipeline", _body, argv)
 
 
-__all__ = ["Pipeline", "PipelineConfig", "PipelineError", "build_stage_config", "gate_decision", "subprocess"]
+__all__ = ["Pipeline", "PipelineConfig", "PipelineError", "as_overrides", "build_stage_config", "gate_decision"]

@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
-from alignloop.config import ConfigError, Section, dump_config, load_config
+from alignloop.config import Section, dump_config, load_config
 from alignloop.registry import Artifact, atomic_write_json
 
 
@@ -94,11 +94,10 @@ class RetrainConfig(Section):
 
 
 def load_pipeline_config(cfg: RetrainConfig):
-    from alignloop.pipeline import PipelineConfig
+    from alignloop.pipeline import PipelineConfig, as_overrides
 
-    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in cfg.pipeline_overrides.items()]
     state = Path(cfg.state_dir)
-    pc = load_config(PipelineConfig, cfg.pipeline, overrides)
+    pc = load_config(PipelineConfig, cfg.pipeline, as_overrides(cfg.pipeline_overrides))
     # The loop owns where the pipeline writes: its state directory (the embedded service lives there too).
     return pc.model_copy(update={"output_dir": str(state.parent), "run_name": state.name,
                                  "registry": pc.registry or str(state / "registry")})
@@ -295,8 +294,9 @@ class RetrainLoop:
         return None
 
     # -------------------------------------------------------------- the loop
-    def tick(self) -> str:
-        """One decision: resume, retry, start a cycle, or wait. Returns what happened."""
+    def tick(self, force: bool = False) -> str:
+        """One decision: resume, retry, start a cycle, or wait. Returns what happened.
+        ``force`` (``--once``): a new cycle starts now, whatever the triggers say."""
         st = self.state()
         now = self.clock.time()
         if st["status"] == "running":
@@ -306,6 +306,9 @@ class RetrainLoop:
             if now < (st.get("retry_at") or 0):
                 return "wait"
             n, trigger = st["cycle"], f"retry {st['attempts']}"
+        elif force:
+            n, trigger = st["cycle"] + 1, "started now (--once)"
+            self.log(f"cycle {n}: {trigger}")
         else:
             last_end = st["last_end"] if st["last_end"] is not None else st["created_at"]
             need_count = self.cfg.schedule.min_new_rankings is not None
@@ -366,7 +369,7 @@ class RetrainLoop:
                 if self.cfg.max_cycles is not None and self.state().get("completed", 0) >= self.cfg.max_cycles:
                     self.log(f"{self.cfg.max_cycles} cycles completed: stopping")
                     break
-                what = self.tick() if not once else self.tick_now()
+                what = self.tick(force=once)
                 if what == "cycle":
                     done += 1
                     if once:
@@ -379,19 +382,6 @@ class RetrainLoop:
             self.pipe.close()
             self.unlock()
         return done
-
-    def tick_now(self) -> str:
-        """--once: resume an interrupted cycle, else start one now regardless of the triggers."""
-        st = self.state()
-        if st["status"] in ("idle",):
-            st["status"] = "idle"
-            sched = self.cfg.schedule.model_copy(update={"interval_s": 0.0, "mode": "any"})
-            saved, self.cfg = self.cfg, self.cfg.model_copy(update={"schedule": sched})
-            try:
-                return self.tick()
-            finally:
-                self.cfg = saved
-        return self.tick()
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -452,4 +442,4 @@ def main(argv: list[str]) -> int:
     return run_stage("retrain", _body, argv)
 
 
-__all__ = ["RetrainConfig", "RetrainLoop", "SystemClock", "due", "ConfigError"]
+__all__ = ["RetrainConfig", "RetrainLoop", "SystemClock", "due"]

@@ -176,3 +176,12 @@ def test_candidate_items_merge_duplicates_and_drop_nul():
     assert len(items) == 2  # q3 has one distinct answer: not an item
     assert [a["text"] for a in items[0]["answers"]] == ["a", "bc"] and items[0]["prompt"] == "q1"
     assert items[1]["messages"][-1]["content"] == "q2" and items[1]["answers"][0]["model_id"] == "sft-1"
+
+
+def test_as_overrides_round_trip_through_the_override_parser():
+    from alignloop.config import parse_override
+    from alignloop.pipeline import as_overrides
+
+    values = {"reward.rules": [], "data.eval": None, "train.max_steps": 3, "model.path": "/a/b", "optim.lr": 2e-4,
+              "x.flag": True}
+    assert {".".join(k): v for k, v in map(parse_override, as_overrides(values))} == values
