@@ -47,6 +47,54 @@ def padded_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "targets": tgt}
 
 
+def shared_prefix_rows(groups: list[list[list[int]]], shared: list[int], pad_id: int, packing: bool
+                       ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """Rows in which the first ``shared[b]`` tokens of group b (common to all its sequences) appear once,
+    followed by each sequence's own tokens (a *branch*).
+
+    Per token: the group it belongs to (``seg``) and its branch (0 = shared part, k+1 = sequence k).
+    Token i may attend to token j iff j <= i in the row, same group, and j is in the shared part or
+    in i's own branch: exactly the causal context each sequence has alone; position ids continue the
+    shared part in every branch. Rows: one per group (right-padded), or every group in one row with
+    ``packing``. Returns the model inputs -- ``input_ids``, ``position_ids`` (R, W) and
+    ``attention_mask`` (R, 1, W, W), True = may attend -- and, per sequence in group order,
+    ``(row, column)`` of its first own token: its token t >= shared[b] sits at column + t - shared[b].
+    """
+    pieces = []  # per group: (ids, positions, branches, offsets of the branches within the piece)
+    for seqs, L in zip(groups, shared):
+        ids, pos, br, starts = list(seqs[0][:L]), list(range(L)), [0] * L, []
+        for k, s in enumerate(seqs):
+            starts.append(len(ids))
+            ids += s[L:]
+            pos += range(L, len(s))
+            br += [k + 1] * (len(s) - L)
+        pieces.append((ids, pos, br, starts))
+    rows_of = [list(range(len(pieces)))] if packing else [[b] for b in range(len(pieces))]
+    width = max(sum(len(pieces[b][0]) for b in g) for g in rows_of)
+    R = len(rows_of)
+    ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, W)
+    pos = torch.zeros((R, width), dtype=torch.long)  # (R, W)
+    seg = torch.full((R, width), -1, dtype=torch.long)  # (R, W) group id, -1 on pads
+    br = torch.zeros((R, width), dtype=torch.long)  # (R, W) branch id
+    where = []
+    for r, g in enumerate(rows_of):
+        off = 0
+        for b in g:
+            p_ids, p_pos, p_br, p_starts = pieces[b]
+            n = len(p_ids)
+            ids[r, off:off + n] = torch.tensor(p_ids)
+            pos[r, off:off + n] = torch.tensor(p_pos)
+            br[r, off:off + n] = torch.tensor(p_br)
+            seg[r, off:off + n] = b
+            where += [(r, off + x) for x in p_starts]
+            off += n
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (W, W) j <= i
+    same = seg[:, :, None] == seg[:, None, :]  # (R, W, W); pads only see pads, never content
+    branch = (br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])  # (R, W, W) shared part or own branch
+    mask = (causal & same & branch)[:, None]  # (R, 1, W, W); every position sees itself: no empty row
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask}, where
+
+
 def token_nll_sum(model, batch: dict[str, torch.Tensor], only_labelled: bool = True) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over labelled positions, and their count.
 

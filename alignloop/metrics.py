@@ -130,3 +130,13 @@ def _fmt(v: float | None) -> str:
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def rewind(run_dir: str | Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` rows of steps after ``step``: a run resumed from the checkpoint of ``step`` logs
+    them again (a crash between two checkpoints would otherwise leave them twice). Rewritten in place."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))

@@ -55,24 +55,63 @@ LAYOUTS = {"alignloop": ("auto", True, True),  # data.packing, data.shared_prefi
            "alignloop-padded": (False, False, False), "alignloop-packed": (True, False, False)}
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def pair_bench_args(doc: str, systems, *, steps: int, warmup: int, rounds: int, max_length: int, lr: float,
+                    threads: int | None, name: str) -> argparse.ArgumentParser:
+    """The options every preference-pair benchmark (reward, DPO) takes, with its own defaults."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="model path (default: the packaged SmolLM2-135M-Instruct)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
-    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (default 6)")
-    ap.add_argument("--rounds", type=int, default=1, help="run the systems this many times, order reversed every other round")
-    ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the measurement (default 1)")
+    ap.add_argument("--systems", default=",".join(systems), help=f"comma list of {', '.join(systems)}")
+    ap.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run (default {steps})")
+    ap.add_argument("--rounds", type=int, default=rounds, help="run the systems this many times, order reversed every other round")
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"first steps left out of the measurement (default {warmup})")
     ap.add_argument("--global-batch", type=int, default=8, help="pairs per optimizer step (default 8)")
     ap.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward (default 4)")
-    ap.add_argument("--max-length", type=int, default=128, help="tokens per conversation (default 128)")
+    ap.add_argument("--max-length", type=int, default=max_length, help=f"tokens per conversation (default {max_length})")
     ap.add_argument("--data", default=str(HH) if HH.is_file() else "synthetic", help="preference file or 'synthetic'")
-    ap.add_argument("--truncation", default="pair", choices=("pair", "each"), help="data.truncation (default pair)")
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--threads", type=int, default=threads,
+                    help="torch threads (default: torch's)" if threads is None else f"torch threads (default {threads})")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--work-dir", default="/tmp/alignloop-bench-reward")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reward.json"))
+    ap.add_argument("--work-dir", default=f"/tmp/alignloop-bench-{name}")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"{name}.json"))
+    return ap
+
+
+def parse_args(argv=None):
+    ap = pair_bench_args(__doc__, SYSTEMS, steps=6, warmup=1, rounds=1, max_length=128, lr=1e-5, threads=None,
+                         name="reward")
+    ap.add_argument("--truncation", default="pair", choices=("pair", "each"), help="data.truncation (default pair)")
     return ap.parse_args(argv)
+
+
+def trl_step_clock():
+    """A TRL/transformers callback holding a :class:`Clock` around every optimizer step (``.clock``)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.clock = Clock()
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.clock.begin()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.clock.end()
+
+    return StepClock()
+
+
+def trl_args(config_cls, args, out_dir: Path, **extra):
+    """TRL training arguments matching alignloop's defaults in these benchmarks: AdamW (0.9, 0.95), cosine without
+    warm-up, no weight decay, clip 1.0, float32 on CPU, no gradient checkpointing, rows in the given order."""
+    return config_cls(
+        output_dir=str(out_dir), max_steps=args.steps, seed=args.seed,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
+        max_length=args.max_length, use_cpu=True, bf16=False, gradient_checkpointing=False,
+        train_sampling_strategy="sequential", dataloader_num_workers=0,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, **extra)
 
 
 def prepare(args, work: Path):
@@ -154,32 +193,14 @@ def run_alignloop(args, rows_file: Path, work: Path, name: str) -> dict:
 def run_trl(args, trl_rows, tok, path: str, work: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import RewardConfig as TrlRewardConfig
     from trl import RewardTrainer
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.clock = Clock()
-
-        def on_step_begin(self, a, state, control, **kw):
-            self.clock.begin()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.clock.end()
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = StepClock()
+    clock = trl_step_clock()
     model = fresh_model(args, path, tok.pad_token_id).seq  # the same weights and head init alignloop starts from
-    targs = TrlRewardConfig(
-        output_dir=str(work / "trl"), max_steps=args.steps, seed=args.seed,
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.global_batch // args.micro_batch,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-        max_length=args.max_length, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        train_sampling_strategy="sequential", dataloader_num_workers=0,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
+    targs = trl_args(TrlRewardConfig, args, work / "trl")
     trainer = RewardTrainer(model=model, args=targs, train_dataset=Dataset.from_list(trl_rows), processing_class=tok,
                             callbacks=[clock])
     trainer.train()

@@ -14,7 +14,6 @@ def _body(argv: list[str]) -> int:
     quiet_env()
     cfg = parse_stage_args("dpo", DPOConfig, argv)
     # Fail fast, before any model is loaded: every data row, the model path, the scorer.
-    from alignloop.config import ConfigError
     from alignloop.models import resolve_model_path
     from ppo.dpo_data import read_pairs
 
@@ -25,9 +24,6 @@ def _body(argv: list[str]) -> int:
     if cfg.data.eval:
         read_pairs(cfg.data.eval, cfg.data.eval_limit)
     if cfg.online.enabled:
-        if cfg.resume:
-            raise ConfigError("resume=true is not supported for online DPO (each round's samples come from the live "
-                              "policy); start a new run_name, with model.path set to the last round's merged model")
         from ppo.dpo_online import check_online
 
         check_online(cfg)

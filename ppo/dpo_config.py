@@ -24,6 +24,15 @@ class DPODataConfig(Section):
     max_length: int = Field(512, gt=2, description="tokens per prompt+answer (longer prompts lose their oldest tokens, then answers their tail)")
     max_prompt_length: int = Field(256, gt=0, description="prompt tokens kept when a pair must be cut to max_length")
     limit: int | None = Field(None, gt=0, description="use only the first N pairs (smoke runs)")
+    packing: bool | Literal["auto"] = Field("auto", description="true: a micro-batch's sequences in one row (no pad tokens, a "
+                                            "block-diagonal mask); false: right-padded rows; auto: packed only with "
+                                            "attn_implementation=flash_attention_2 (varlen kernels), else padded")
+    shared_prefix: bool = Field(True, description="compute each pair's prompt once: the chosen and the rejected answer "
+                                "are two branches of one row that see the prompt through the attention mask; a micro-batch "
+                                "uses it only when that computes fewer token positions; not with flash_attention_2 or "
+                                "prompt/prefix tuning")
+    group_by_length: bool = Field(True, description="form each optimizer step's micro-batches from pairs of similar "
+                                  "length, so less padding is computed; the step's pairs and gradient stay the same")
 
     @model_validator(mode="after")
     def _source(self):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from alignloop.batching import shift_labels
+from alignloop.batching import shared_prefix_rows, shift_labels
 from alignloop.data import DataError
-from reward.data import Preference, as_pairs, read_preferences
+from reward.data import Preference, as_pairs, common_prefix_len, read_preferences
 
 
 @dataclass
@@ -88,16 +88,64 @@ def fingerprint(examples: list[DPOExample]) -> str:
 
 # ------------------------------------------------------------------ batching
 
-def pair_batch(examples: list[DPOExample], pad_id: int, packing: bool = True) -> dict[str, torch.Tensor]:
-    """Sequences in the order [w_0, l_0, w_1, l_1, ...] (N = 2B), packed into one row or right-padded.
+def prompt_len(labels: list[int]) -> int:
+    """Leading unlabelled (-100) tokens: the prompt part of one sequence."""
+    n = 0
+    while n < len(labels) and labels[n] == -100:
+        n += 1
+    return n
 
-    Packed: one row with per-sequence position ids (no cross-sequence attention, no pad tokens) and
-    ``seq_index`` (1, ΣT) naming the sequence each position belongs to. Labels are shifted per sequence
-    before packing, so a sequence never predicts the next one's first token.
+
+def pair_shared_len(e: DPOExample) -> int:
+    """Leading tokens of a pair computed once in the shared-prefix layout: common to both sequences *and* free of
+    targets, so every position keeps one target. Position t predicts token t+1, so the last prompt token (which
+    predicts a different first answer token in each sequence) stays in both branches."""
+    common = common_prefix_len([e.chosen_ids, e.rejected_ids])
+    return max(0, min(common, prompt_len(e.chosen_labels) - 1, prompt_len(e.rejected_labels) - 1))
+
+
+def pair_width(e: DPOExample, shared_prefix: bool) -> int:
+    """Token positions a pair takes in its row: the prompt once with ``shared_prefix``, else its longer sequence
+    (what a right-padded micro-batch pays for each of its two sequences)."""
+    if shared_prefix:
+        return len(e.chosen_ids) + len(e.rejected_ids) - pair_shared_len(e)
+    return max(len(e.chosen_ids), len(e.rejected_ids))
+
+
+def pair_batch(examples: list[DPOExample], pad_id: int, packing: bool = True, shared_prefix: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """Sequences in the order [w_0, l_0, w_1, l_1, ...] (N = 2B), in one of four layouts.
+
+    - packed: one row with per-sequence position ids (no cross-sequence attention, no pad tokens);
+    - padded: N right-padded rows with an attention mask;
+    - shared (``shared_prefix``): each pair's prompt once, then the chosen and the rejected answer as two
+      branches that see the prompt and themselves (a 4D mask, :func:`alignloop.batching.shared_prefix_rows`);
+      one row per pair, or the whole micro-batch in one row with ``packing``. Used when it computes fewer
+      token positions than the plain layout.
+
+    ``targets`` holds the next-token id on answer positions (-100 elsewhere); ``seq_index`` names the sequence
+    each position belongs to where a row holds several. Labels are shifted per sequence before they are laid
+    out, so a sequence never predicts another one's token.
     """
     seqs = []
     for e in examples:
         seqs += [(e.chosen_ids, e.chosen_labels), (e.rejected_ids, e.rejected_labels)]
+    tokens = sum(len(s[0]) for s in seqs)
+    plain = tokens if packing else len(seqs) * max(len(s[0]) for s in seqs)
+    if shared_prefix:
+        shared = [pair_shared_len(e) for e in examples]
+        widths = [pair_width(e, True) for e in examples]
+        if (sum(widths) if packing else len(widths) * max(widths)) < plain:
+            inputs, where = shared_prefix_rows([[e.chosen_ids, e.rejected_ids] for e in examples], shared, pad_id,
+                                               packing)
+            tgt = torch.full_like(inputs["input_ids"], -100)  # (R, W)
+            idx = torch.zeros_like(inputs["input_ids"])  # (R, W)
+            for i, ((input_ids, labels), (r, c)) in enumerate(zip(seqs, where)):
+                L = shared[i // 2]  # the shared positions predict prompt tokens only: no target there
+                own = len(input_ids) - L
+                tgt[r, c:c + own] = torch.tensor(shift_labels(labels)[L:])
+                idx[r, c:c + own] = i
+            return {**inputs, "targets": tgt, "seq_index": idx}
     if packing:
         ids, pos, tgt, idx = [], [], [], []
         for i, (input_ids, labels) in enumerate(seqs):
@@ -121,27 +169,37 @@ def pair_batch(examples: list[DPOExample], pad_id: int, packing: bool = True) ->
     return {"input_ids": ids, "attention_mask": mask, "targets": tgt}
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict[str, torch.Tensor], only_labelled: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_t log π(a_t|s_t) over answer tokens, answer token count), each (N,), for the N sequences of ``batch``.
 
-    Token log-probs come from cross-entropy (logsumexp over the vocabulary, never a full log-softmax
-    tensor) in float32; logits are sliced to the last T positions because prompt tuning prepends
-    virtual tokens whose outputs are not ours.
+    ``only_labelled``: the LM head runs only at positions some row has a target for (``logits_to_keep`` with an
+    index tensor), so prompt positions cost no (T x vocab) projection; the result is the same. Soft-prompt
+    models (prompt/prefix tuning) prepend virtual positions and pass False: logits sliced to the last T
+    positions. Token log-probs come from cross-entropy (logsumexp over the vocabulary, never a full
+    log-softmax tensor) in float32.
     """
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**kwargs, use_cache=False).logits  # (R, V+T, vocab) or (R, T, vocab)
     targets = batch["targets"]  # (R, T)
-    logits = logits[:, -targets.shape[1]:, :]
+    seq_index = batch.get("seq_index")  # (R, T) or None: one sequence per row
+    n_seqs = int(seq_index.max()) + 1 if seq_index is not None else targets.shape[0]
+    if only_labelled:
+        keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)  # (K,) positions with a target in some row
+        logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits  # (R, K, vocab)
+        targets = targets[:, keep]  # (R, K)
+        seq_index = seq_index[:, keep] if seq_index is not None else None
+    else:
+        logits = model(**kwargs, use_cache=False).logits  # (R, V+T, vocab) or (R, T, vocab)
+        logits = logits[:, -targets.shape[1]:, :]
     tok_logp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                                  ignore_index=-100, reduction="none").view(targets.shape)  # (R, T)
+                                                  ignore_index=-100, reduction="none").view(targets.shape)  # (R, K)
     mask = (targets != -100)
     tok_logp = tok_logp * mask
-    if "seq_index" in batch:  # packed: R = 1, scatter positions into their sequences
-        idx = batch["seq_index"].reshape(-1)
-        n = int(idx.max()) + 1
-        sums = torch.zeros(n, dtype=tok_logp.dtype, device=tok_logp.device).index_add(0, idx.to(tok_logp.device),
-                                                                                        tok_logp.reshape(-1))
-        counts = torch.zeros(n, dtype=torch.float32).index_add(0, idx, mask.reshape(-1).float().cpu())
+    if seq_index is not None:  # several sequences per row: scatter positions into their sequences
+        idx = seq_index.reshape(-1)
+        sums = torch.zeros(n_seqs, dtype=tok_logp.dtype, device=tok_logp.device).index_add(
+            0, idx.to(tok_logp.device), tok_logp.reshape(-1))
+        counts = torch.zeros(n_seqs, dtype=torch.float32).index_add(0, idx.cpu(), mask.reshape(-1).float().cpu())
         return sums, counts  # (N,), (N,)
     return tok_logp.sum(1), mask.sum(1).float().cpu()  # (N,), (N,)
 

@@ -6,11 +6,15 @@ Scorers: a rule callable ``module:function`` taking ``(prompt, answer) -> float`
 or the chat history when there is more than one turn), the reward stage's model (``reward.scorer.RewardScorer``), or -- the human path -- the feedback service: the k answers are pushed to a
 campaign as items for labelers to rank, and the run stops; the rankings come back as a feedback export that
 ``alignloop dpo data.feedback...`` trains on (docs/dpo.md).
+
+A checkpoint after every round (policy, optimizer, scheduler, RNG, round, prompt position, the adapter the
+engine samples from next) lets ``resume=true`` continue a killed run exactly where the uninterrupted one would be.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,11 +22,12 @@ from typing import Callable
 import torch
 
 from alignloop import metrics as M
+from alignloop import rundir
 from alignloop.batching import global_batch_indices
 from alignloop.config import ConfigError
 from alignloop.data import DataError, iter_rows
 from ppo.dpo_config import DPOConfig, RuleScorer
-from ppo.dpo_data import DPOExample, sequence_logps
+from ppo.dpo_data import DPOExample
 from ppo.dpo_trainer import DPOLearner
 
 Scorer = Callable[[list[str], list[str]], list[float]]  # (prompts, answers) -> scores, one per answer
@@ -102,7 +107,7 @@ def logprob_gap(learner: DPOLearner, pairs: list[DPOExample]) -> float:
     mb = learner.cfg.reference.micro_batch_size
     for i in range(0, len(pairs), mb):
         chunk = pairs[i:i + mb]
-        logps, n = sequence_logps(learner.model, learner.batch(chunk))  # (2b,), (2b,)
+        logps, n = learner.logps(learner.batch(chunk))  # (2b,), (2b,)
         engine = torch.tensor([x for e in chunk for x in e.engine_logps], dtype=torch.float64)  # (2b,)
         gap += float((logps.double().cpu() - engine).abs().sum())
         tokens += float(n.sum())
@@ -146,87 +151,144 @@ def push_to_feedback(cfg: DPOConfig, run: Path, prompts: list[list[dict]], compl
     return rec
 
 
-def online_dpo(cfg: DPOConfig, run: Path) -> None:
-    o = cfg.online
-    prompts = read_prompts(o.prompts)
-    human = o.scorer.kind == "feedback"
-    scorer = None if human else make_scorer(o.scorer)
-    learner = DPOLearner(cfg, total_steps=o.rounds * o.steps_per_round)
-    from alignloop.rollout import SamplingSettings, make_engine
+class OnlineDPO:
+    """Rounds 1-5 (module docstring) with a checkpoint after every round and ``resume=true``.
 
-    from transformers import AutoConfig
+    Everything a round does is a function of the run's state at its start: the prompts (``position`` in the
+    prompt file, cycling), the sampling seed (``train.seed + 1000 * round``), the engine's adapter (the one the
+    previous round saved), the training batches (seeded by the round) and the policy, optimizer, scheduler and
+    RNG. A checkpoint holds exactly that, so a run killed after round r and resumed samples, scores and trains
+    rounds r+1.. as the uninterrupted run does.
+    """
 
-    max_pos = getattr(AutoConfig.from_pretrained(learner.model_path), "max_position_embeddings", None) or 1 << 30
-    engine = make_engine(o.engine, learner.model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
-                         max_model_len=min(cfg.data.max_length + o.max_new_tokens, max_pos), enable_lora=True,
-                         max_lora_rank=cfg.peft.lora_r, chat_template=cfg.model.chat_template)
-    logger = M.MetricsLogger(run)
-    G = cfg.train.global_batch_size
-    step = 0
-    adapter: Path | None = None
-    print(f"[alignloop] online dpo: {o.rounds} rounds x {o.prompts_per_round} prompts x k={o.k}, {o.steps_per_round} "
-          f"steps per round, engine={engine.kind}, scorer={o.scorer.kind}, trainable {learner.trainable:,} params",
-          flush=True)
-    try:
-        for rnd in range(o.rounds):
-            # 1. sample k answers per prompt from the current policy (round 0: the base, no adapter yet)
-            t0 = time.perf_counter()
-            start = rnd * o.prompts_per_round
-            chats = [prompts[(start + i) % len(prompts)] for i in range(o.prompts_per_round)]
-            engine.load_lora(adapter)
-            settings = SamplingSettings(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
-                                        n=o.k, seed=cfg.train.seed + 1000 * rnd)
-            completions = engine.generate_chat(chats, settings)
-            t_rollout = time.perf_counter() - t0
-            if human:  # the human path: hand the answers to labelers and stop
-                rec = push_to_feedback(cfg, run, chats, completions)
-                print(f"[alignloop] pushed {rec['items']} items to campaign {rec['campaign']!r} for ranking; train on "
-                      "their export with `alignloop dpo 'data.feedback={url: ..., campaign: ...}'`", flush=True)
-                return
-            # 2. score
-            t0 = time.perf_counter()
-            # a single user turn is passed as its text, a longer history as messages (the reward stage's convention)
-            flat_p = [c[0]["content"] if len(c) == 1 else c for c, s in zip(chats, completions) for _ in s]
-            flat_a = [x.text for s in completions for x in s]
-            flat = scorer(flat_p, flat_a)
-            if len(flat) != len(flat_a):
-                raise ConfigError(f"online.scorer returned {len(flat)} scores for {len(flat_a)} answers")
-            scores = [flat[i * o.k:(i + 1) * o.k] for i in range(len(chats))]
-            t_score = time.perf_counter() - t0
-            # 3. best vs worst
-            pairs, tied = best_vs_worst(completions, scores, o.min_score_gap)
-            rec = {M.DPO_ROUND: rnd + 1, M.REWARD_MEAN: sum(flat) / len(flat), M.DPO_PAIRS: len(pairs), M.DPO_TIED: tied,
-                   M.DPO_SCORE_BEST: sum(max(s) for s in scores) / len(scores),
-                   M.DPO_SCORE_WORST: sum(min(s) for s in scores) / len(scores),
-                   M.ROLLOUT_ANSWER_LENGTH: sum(len(x.token_ids) for s in completions for x in s) / len(flat),
-                   M.TIME_ROLLOUT: t_rollout, M.TIME_SCORE: t_score}
-            if pairs:  # the sync check: the engine's sampled log-probs against the trainer's current policy
-                rec[M.ROLLOUT_LOGPROB_DIFF] = logprob_gap(learner, pairs)
-            # 4. train on this round's pairs
-            t0 = time.perf_counter()
-            if not pairs:
-                print(f"[alignloop] round {rnd + 1}: every prompt tied; no update this round", flush=True)
-                step += o.steps_per_round
-                logger.log(step, rec)
-                continue
+    def __init__(self, cfg: DPOConfig, run: Path):
+        o = self.o = cfg.online
+        self.cfg, self.run = cfg, run
+        self.prompts = read_prompts(o.prompts)
+        self.human = o.scorer.kind == "feedback"
+        self.scorer = None if self.human else make_scorer(o.scorer)
+        self.learner = DPOLearner(cfg, total_steps=o.rounds * o.steps_per_round)
+        from transformers import AutoConfig
+
+        from alignloop.rollout import make_engine
+
+        max_pos = getattr(AutoConfig.from_pretrained(self.learner.model_path), "max_position_embeddings", None) or 1 << 30
+        self.engine = make_engine(o.engine, self.learner.model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                                  max_model_len=min(cfg.data.max_length + o.max_new_tokens, max_pos), enable_lora=True,
+                                  max_lora_rank=cfg.peft.lora_r, chat_template=cfg.model.chat_template)
+        self.logger: M.MetricsLogger | None = None  # opened after a resume has rewound metrics.jsonl
+        # the state a round starts from (a checkpoint restores it)
+        self.round, self.step, self.position = 0, 0, 0  # rounds done, optimizer steps done, next prompt in the file
+        self.adapter: Path | None = None  # what the engine samples from (None: the base, before round 1)
+
+    # 0. resume ------------------------------------------------------------------
+    def maybe_resume(self) -> None:
+        found = rundir.latest_checkpoint(self.run) if self.cfg.resume else None
+        if found is None:
+            return
+        client = self.learner.strategy.load_checkpoint(found[1])  # LoRA weights, optimizer, scheduler, RNG
+        self.round, self.step, self.position = int(client["round"]), int(client["step"]), int(client["position"])
+        self.adapter = self.run / client["adapter"] if client["adapter"] else None
+        M.rewind(self.run, self.step)  # rows a killed round logged after its last checkpoint are logged again
+        print(f"[alignloop] resumed from {found[1]} (round {self.round}, step {self.step})", flush=True)
+
+    def checkpoint(self) -> None:
+        path = rundir.checkpoint_path(self.run, self.step)
+        adapter = str(self.adapter.relative_to(self.run)) if self.adapter is not None else None
+        self.learner.strategy.save_checkpoint(path, {"step": self.step, "round": self.round, "position": self.position,
+                                                     "adapter": adapter})
+        rundir.mark_done(path)
+        rundir.prune(self.run, self.cfg.train.keep_checkpoints)
+
+    def crash_point(self) -> None:
+        if os.environ.get("ALIGNLOOP_CRASH_AFTER_STEP") == str(self.step):  # fault injection for the resume test
+            raise SystemExit(f"[alignloop] simulated crash after step {self.step} (round {self.round})")
+
+    def run_all(self) -> None:
+        o = self.o
+        print(f"[alignloop] online dpo: {o.rounds} rounds x {o.prompts_per_round} prompts x k={o.k}, {o.steps_per_round} "
+              f"steps per round, engine={self.engine.kind}, scorer={o.scorer.kind}, trainable "
+              f"{self.learner.trainable:,} params", flush=True)
+        try:
+            self.maybe_resume()
+            self.logger = M.MetricsLogger(self.run)
+            while self.round < o.rounds:
+                if not self.one_round():
+                    return  # the human path: the answers went to labelers
+                self.checkpoint()
+                self.crash_point()
+            self.learner.save_final(self.run)
+        finally:
+            self.engine.close()
+            if self.logger is not None:
+                self.logger.close()
+
+    def one_round(self) -> bool:
+        cfg, o, rnd = self.cfg, self.o, self.round
+        # 1. sample k answers per prompt from the current policy (round 1: the base, no adapter yet)
+        t0 = time.perf_counter()
+        chats = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(o.prompts_per_round)]
+        self.engine.load_lora(self.adapter)
+        from alignloop.rollout import SamplingSettings
+
+        settings = SamplingSettings(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
+                                    n=o.k, seed=cfg.train.seed + 1000 * rnd)
+        completions = self.engine.generate_chat(chats, settings)
+        t_rollout = time.perf_counter() - t0
+        if self.human:  # the human path: hand the answers to labelers and stop
+            rec = push_to_feedback(cfg, self.run, chats, completions)
+            print(f"[alignloop] pushed {rec['items']} items to campaign {rec['campaign']!r} for ranking; train on "
+                  "their export with `alignloop dpo 'data.feedback={url: ..., campaign: ...}'`", flush=True)
+            return False
+        # 2. score
+        t0 = time.perf_counter()
+        # a single user turn is passed as its text, a longer history as messages (the reward stage's convention)
+        flat_p = [c[0]["content"] if len(c) == 1 else c for c, s in zip(chats, completions) for _ in s]
+        flat_a = [x.text for s in completions for x in s]
+        flat = self.scorer(flat_p, flat_a)
+        if len(flat) != len(flat_a):
+            raise ConfigError(f"online.scorer returned {len(flat)} scores for {len(flat_a)} answers")
+        scores = [flat[i * o.k:(i + 1) * o.k] for i in range(len(chats))]
+        t_score = time.perf_counter() - t0
+        # 3. best vs worst
+        pairs, tied = best_vs_worst(completions, scores, o.min_score_gap)
+        rec = {M.DPO_ROUND: rnd + 1, M.REWARD_MEAN: sum(flat) / len(flat), M.DPO_PAIRS: len(pairs), M.DPO_TIED: tied,
+               M.DPO_SCORE_BEST: sum(max(s) for s in scores) / len(scores),
+               M.DPO_SCORE_WORST: sum(min(s) for s in scores) / len(scores),
+               M.ROLLOUT_ANSWER_LENGTH: sum(len(x.token_ids) for s in completions for x in s) / len(flat),
+               M.TIME_ROLLOUT: t_rollout, M.TIME_SCORE: t_score}
+        if pairs:  # the sync check: the engine's sampled log-probs against the trainer's current policy
+            rec[M.ROLLOUT_LOGPROB_DIFF] = logprob_gap(self.learner, pairs)
+        # 4. train on this round's pairs
+        t0 = time.perf_counter()
+        if pairs:
+            G = cfg.train.global_batch_size
             for s in range(o.steps_per_round):
-                idx = global_batch_indices(len(pairs), G, s, cfg.train.seed + rnd)
-                train = learner.step(pairs, idx)
-                step += 1
+                train = self.learner.step(pairs, global_batch_indices(len(pairs), G, s, cfg.train.seed + rnd))
+                self.step += 1
                 if s + 1 < o.steps_per_round:
-                    logger.log(step, train)
+                    self.logger.log(self.step, train)
+                    self.crash_point()
             rec.update(train)
             rec[M.TIME_TRAIN] = time.perf_counter() - t0
             # 5. the new adapter goes to the engine for the next round
             t0 = time.perf_counter()
-            adapter = run / "rounds" / f"round-{rnd + 1}" / "adapter"
-            learner.save_adapter(adapter)
+            self.adapter = self.run / "rounds" / f"round-{rnd + 1}" / "adapter"
+            self.learner.save_adapter(self.adapter)
             rec[M.TIME_SYNC] = time.perf_counter() - t0
-            logger.log(step, rec)
-            with open(run / "rounds" / f"round-{rnd + 1}" / "samples.jsonl", "w") as fh:
-                for c, s, sc in zip(chats, completions, scores):
-                    fh.write(json.dumps({"prompt": c, "answers": [x.text for x in s], "scores": sc}) + "\n")
-        learner.save_final(run)
-    finally:
-        engine.close()
-        logger.close()
+        else:
+            print(f"[alignloop] round {rnd + 1}: every prompt tied; no update this round", flush=True)
+            self.step += o.steps_per_round
+        self.logger.log(self.step, rec)
+        out = self.run / "rounds" / f"round-{rnd + 1}"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "samples.jsonl", "w") as fh:
+            for c, s, sc in zip(chats, completions, scores):
+                fh.write(json.dumps({"prompt": c, "answers": [x.text for x in s], "scores": sc}) + "\n")
+        self.round += 1
+        self.position += o.prompts_per_round
+        return True
+
+
+def online_dpo(cfg: DPOConfig, run: Path) -> None:
+    OnlineDPO(cfg, run).run_all()

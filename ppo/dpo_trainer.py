@@ -28,10 +28,11 @@ from alignloop.batching import global_batch_indices
 from alignloop.models import apply_peft, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 from alignloop.strategy import make_strategy, seed_all
 from ppo.dpo_config import DPOConfig
-from ppo.dpo_data import DPOExample, fingerprint, pair_batch, read_pairs, sequence_logps, split_pairs, tokenize_pairs
+from ppo.dpo_data import (DPOExample, fingerprint, pair_batch, pair_width, read_pairs, sequence_logps, split_pairs,
+                          tokenize_pairs)
 from ppo.dpo_losses import dpo_loss
 
-PACKING_INCOMPATIBLE = ("prompt_tuning", "prefix_tuning")  # virtual tokens are prepended per row
+SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning")  # virtual tokens are prepended per row: plain padded rows only
 REFERENCE_CACHE = "reference_logps.pt"
 EVAL_REFERENCE_CACHE = "reference_logps_eval.pt"
 FEEDBACK_EXPORT = "feedback_export.jsonl"
@@ -62,7 +63,15 @@ class DPOLearner:
         self.trainable, self.total = count_parameters(model)
         self.model = self.strategy.prepare(model)
         self.model.train()
-        self.packing = cfg.peft.method not in PACKING_INCOMPATIBLE
+        # Batch layout (ppo.dpo_data.pair_batch): on CPU / sdpa, one right-padded row per pair with its prompt
+        # computed once; flash-attention packs instead (no 4D masks, cheap varlen kernels). The LM head runs only
+        # at answer positions unless soft prompts shift the positions.
+        from reward.config import resolve_packing, shared_prefix_supported
+
+        attn, soft = cfg.model.attn_implementation, cfg.peft.method in SOFT_PROMPTS
+        self.packing = not soft and resolve_packing(cfg.data.packing, attn)
+        self.shared_prefix = not soft and cfg.data.shared_prefix and shared_prefix_supported(attn)
+        self.only_labelled = not soft
         self.pad_id = self.tok.pad_token_id
 
     @property
@@ -70,14 +79,25 @@ class DPOLearner:
         return self.strategy.is_rank0
 
     def batch(self, examples: list[DPOExample]) -> dict[str, torch.Tensor]:
-        return pair_batch(examples, self.pad_id, self.packing)
+        return pair_batch(examples, self.pad_id, self.packing, self.shared_prefix)
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) answer log-probs under the current policy and (N,) answer token counts."""
+        return sequence_logps(self.model, batch, self.only_labelled)
+
+    def by_length(self, examples: list[DPOExample], indices: list[int]) -> list[int]:
+        """``indices`` reordered so that micro-batches hold pairs of similar row width (the same pairs; a no-op
+        for packed rows, which have no padding)."""
+        if self.packing or not self.cfg.data.group_by_length:
+            return indices
+        return sorted(indices, key=lambda i: pair_width(examples[i], self.shared_prefix))
 
     # ------------------------------------------------------------ reference
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N,) answer log-probs under the reference: the base with the adapter disabled (no second copy)."""
         with self.strategy.unwrap().disable_adapter():
-            logps, _ = sequence_logps(self.model, batch)
+            logps, _ = self.logps(batch)
         return logps.detach().float().cpu()
 
     @torch.no_grad()
@@ -102,7 +122,7 @@ class DPOLearner:
             if adapters:
                 logps = self.reference_logps(batch)
             else:
-                logps, _ = sequence_logps(self.model, batch)
+                logps, _ = self.logps(batch)
             chosen, rejected = split_pairs(logps.detach().double().cpu())
             if mine[b * mb:(b + 1) * mb]:
                 out[idx, 0], out[idx, 1] = chosen, rejected
@@ -130,13 +150,15 @@ class DPOLearner:
         cfg, st = self.cfg, self.strategy
         G, mb = len(indices), cfg.train.micro_batch_size
         per_rank = G // st.world_size
-        mine = indices[st.rank * per_rank:(st.rank + 1) * per_rank]
+        mine = self.by_length(examples, indices[st.rank * per_rank:(st.rank + 1) * per_rank])
         t0 = time.perf_counter()
         sums = torch.zeros(8, dtype=torch.float64)  # loss, rc, rr, margin, acc, logp_c, logp_r, tokens
         for i in range(0, per_rank, mb):
             idx = mine[i:i + mb]
-            batch = self.batch([examples[j] for j in idx])
-            logps, ntok = sequence_logps(self.model, batch)  # (2b,), (2b,)
+            pairs = [examples[j] for j in idx]
+            batch = self.batch(pairs)
+            tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)  # real tokens, whatever the layout
+            logps, ntok = self.logps(batch)  # (2b,), (2b,)
             pc, pr = split_pairs(logps)
             tc, tr = split_pairs(ntok)
             if ref is not None:
@@ -150,7 +172,7 @@ class DPOLearner:
             b = len(idx)
             sums += torch.tensor([float(loss.detach()), float(m["rewards/chosen"]) * b, float(m["rewards/rejected"]) * b,
                                   float(m["margin"]) * b, float(m["accuracy"]) * b, float(pc.detach().sum()),
-                                  float(pr.detach().sum()), float(batch["input_ids"].numel())], dtype=torch.float64)
+                                  float(pr.detach().sum()), float(tokens)], dtype=torch.float64)
         lr = st.lr()  # the rate this step's update used
         grad_norm = st.step()
         if st.world_size > 1:
@@ -175,7 +197,7 @@ class DPOLearner:
         for i in range(0, len(examples), mb):
             idx = list(range(i, min(i + mb, len(examples))))
             batch = self.batch([examples[j] for j in idx])
-            logps, ntok = sequence_logps(self.model, batch)
+            logps, ntok = self.logps(batch)
             pc, pr = split_pairs(logps.float().cpu())
             tc, tr = split_pairs(ntok)
             rc, rr = (ref[idx, 0], ref[idx, 1]) if ref is not None else split_pairs(self.reference_logps(batch))
@@ -236,8 +258,12 @@ def load_reference_cache(learner: DPOLearner, run: Path, examples: list[DPOExamp
     return logps
 
 
-def train_worker(config: dict) -> None:
-    """Offline DPO on each worker; ``config`` is the resolved DPOConfig as a dict plus the run directory."""
+def train_worker(config: dict, *, step_hook=None) -> None:
+    """Offline DPO on each worker; ``config`` is the resolved DPOConfig as a dict plus the run directory.
+
+    ``step_hook(event, step)`` (in-process callers only, e.g. the benchmark's clocks) is called with
+    ``"begin"`` and ``"end"`` around every optimizer step.
+    """
     cfg = DPOConfig.model_validate(config["cfg"])
     run = Path(config["run_dir"])
     torch.set_num_threads(int(config.get("threads") or torch.get_num_threads()))
@@ -270,6 +296,8 @@ def train_worker(config: dict) -> None:
             start = int(client["step"])
             if rank0:
                 print(f"[alignloop] resumed from {found[1]} (step {start})", flush=True)
+    if rank0 and start:
+        M.rewind(run, start)  # steps logged after that checkpoint by the killed run are logged again
     logger = M.MetricsLogger(run, enabled=rank0)
     if rank0:
         print(f"[alignloop] dpo: {len(examples)} pairs, {steps} steps, loss={cfg.loss.type} beta={cfg.loss.beta}, "
@@ -279,8 +307,12 @@ def train_worker(config: dict) -> None:
 
     # 7. steps
     for step in range(start, steps):
+        if step_hook is not None:
+            step_hook("begin", step)
         idx = global_batch_indices(len(examples), G, step, cfg.train.seed)
         rec = learner.step(examples, idx, ref)
+        if step_hook is not None:
+            step_hook("end", step)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == steps:
             rec[M.EPOCH] = done * G / len(examples)

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 from alignloop import metrics as M  # noqa: E402
 from alignloop import rundir  # noqa: E402
-from alignloop.batching import global_batch_indices  # noqa: E402
+from alignloop.batching import global_batch_indices, shared_prefix_rows  # noqa: E402
 from alignloop.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
 from alignloop.strategy import make_strategy, seed_all  # noqa: E402
 from reward import evaluate as E  # noqa: E402
@@ -85,50 +85,15 @@ def shared_prefix_len(seqs: list[list[int]]) -> int:
 
 
 def _shared_rows(examples: list[TokenizedPreference], pad_id: int, packing: bool) -> tuple[dict[str, torch.Tensor], int]:
-    """The shared-prefix layout: each example's shared history once, then each answer's own tokens.
-
-    Per token: the example it belongs to (``seg``) and its branch (0 = shared history, k+1 =
-    answer k). Token i may attend to token j iff j <= i in the row, same example, and j is in
-    the history or in i's own answer: exactly the causal context each conversation has alone.
-    Rows: one per example (right-padded), or the whole micro-batch in one row with ``packing``.
-    """
-    pieces = []  # per example: (ids, positions, branches, ends within the piece)
-    for e in examples:
-        L = shared_prefix_len(e.input_ids)
-        ids, pos, br, ends = list(e.input_ids[0][:L]), list(range(L)), [0] * L, []
-        for k, s in enumerate(e.input_ids):
-            ids += s[L:]
-            pos += range(L, len(s))
-            br += [k + 1] * (len(s) - L)
-            ends.append(len(ids) - 1)
-        pieces.append((ids, pos, br, ends))
-    groups = [list(range(len(pieces)))] if packing else [[b] for b in range(len(pieces))]
-    width = max(sum(len(pieces[b][0]) for b in g) for g in groups)
-    R = len(groups)
-    ids = torch.full((R, width), pad_id, dtype=torch.long)  # (R, W)
-    pos = torch.zeros((R, width), dtype=torch.long)  # (R, W)
-    seg = torch.full((R, width), -1, dtype=torch.long)  # (R, W) example id, -1 on pads
-    br = torch.zeros((R, width), dtype=torch.long)  # (R, W) branch id
-    rows, ends = [], []
-    for r, g in enumerate(groups):
-        off = 0
-        for b in g:
-            p_ids, p_pos, p_br, p_ends = pieces[b]
-            n = len(p_ids)
-            ids[r, off:off + n] = torch.tensor(p_ids)
-            pos[r, off:off + n] = torch.tensor(p_pos)
-            br[r, off:off + n] = torch.tensor(p_br)
-            seg[r, off:off + n] = b
-            rows += [r] * len(p_ends)
-            ends += [off + x for x in p_ends]
-            off += n
-    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (W, W) j <= i
-    same = seg[:, :, None] == seg[:, None, :]  # (R, W, W); pads only see pads, never content
-    branch = (br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])  # (R, W, W) history or own answer
-    mask = (causal & same & branch)[:, None]  # (R, 1, W, W); every position sees itself: no empty row
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "rows": torch.tensor(rows),
-              "ends": torch.tensor(ends)}
-    return inputs, R * width
+    """The shared-prefix layout (:func:`alignloop.batching.shared_prefix_rows`): each example's shared history
+    once, then each answer's own tokens; ``rows``/``ends`` locate each answer's last token. Rows: one per example
+    (right-padded), or the whole micro-batch in one row with ``packing``."""
+    shared = [shared_prefix_len(e.input_ids) for e in examples]
+    inputs, where = shared_prefix_rows([e.input_ids for e in examples], shared, pad_id, packing)
+    lengths = [len(s) - L for e, L in zip(examples, shared) for s in e.input_ids]  # own tokens of each answer
+    inputs["rows"] = torch.tensor([r for r, _ in where])
+    inputs["ends"] = torch.tensor([c + n - 1 for (_, c), n in zip(where, lengths)])
+    return inputs, inputs["input_ids"].numel()
 
 
 def row_width(e: TokenizedPreference, shared_prefix: bool) -> int:

@@ -70,6 +70,58 @@ def test_online_dpo_rounds_with_rule_scorer_through_vllm(tiny_model, tmp_path, s
     assert len(samples) == 8 and all(len(s["answers"]) == 4 == len(s["scores"]) for s in samples)
 
 
+def test_online_dpo_killed_after_round_1_and_resumed_matches_uninterrupted(tiny_model, tmp_path, setup):
+    """3 rounds (vLLM samples, the rule scores, 2 steps on a cosine schedule): a run killed after round 1 and
+    resumed with resume=true samples, scores and trains rounds 2-3 as the uninterrupted run does (the round-1
+    checkpoint holds the LoRA weights, optimizer, scheduler, RNG, round, prompt position and the adapter vLLM
+    samples from next)."""
+    pytest.importorskip("vllm")
+    import torch
+    from safetensors.torch import load_file
+
+    prompts, env = setup
+    args = [f"model.path={tiny_model}", f"output_dir={tmp_path}", f"online.prompts={prompts}", "online.rounds=3",
+            "online.prompts_per_round=4", "online.k=4", "online.steps_per_round=2", "online.max_new_tokens=12",
+            "online.engine=vllm", "online.scorer.kind=rule", "online.scorer.function=dpo_rule_mod:digits",
+            "optim.lr=2e-2", "optim.scheduler=cosine", "loss.beta=0.5", "train.global_batch_size=4",
+            "train.micro_batch_size=2"]
+    alignloop("dpo", *args, "run_name=straight", env=env)
+    r = alignloop("dpo", *args, "run_name=crashed", env={**env, "ALIGNLOOP_CRASH_AFTER_STEP": "2"}, check=False)
+    assert r.returncode != 0 and "simulated crash after step 2 (round 1)" in r.stdout + r.stderr
+    run = tmp_path / "crashed"
+    assert (run / "checkpoints/step-2/DONE").exists() and (run / "rounds/round-1/adapter").is_dir()
+    assert not (run / "rounds/round-2").exists() and not (run / "final").exists()
+    r = alignloop("dpo", *args, "run_name=crashed", env=env, check=False)
+    assert r.returncode == 2 and "resume=true" in r.stderr  # never clobbers a run silently
+    r = alignloop("dpo", *args, "run_name=crashed", "resume=true", env=env)
+    assert "resumed from" in r.stdout and "(round 1, step 2)" in r.stdout
+    # the same final adapter
+    a = load_file(tmp_path / "straight/final/adapter/adapter_model.safetensors")
+    b = load_file(run / "final/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # the same samples and scores every round (round 2 sampled by a fresh engine from the restored adapter)
+    for n in (1, 2, 3):
+        assert (run / f"rounds/round-{n}/samples.jsonl").read_text() == \
+            (tmp_path / f"straight/rounds/round-{n}/samples.jsonl").read_text(), n
+    # the same metrics, each step logged once
+    rows_a = [json.loads(x) for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows_b] == [x["step"] for x in rows_a] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra.keys() == rb.keys()
+        for name in ("loss/dpo", "dpo/margin", "dpo/accuracy", "dpo/logp_chosen", "dpo/logp_rejected", "optim/lr",
+                     "optim/grad_norm", "reward/mean", "dpo/pairs", "dpo/tied_prompts", "rollout/answer_length"):
+            if name in ra:
+                assert rb[name] == pytest.approx(ra[name], rel=1e-5, abs=1e-7), (ra["step"], name)
+        if "rollout/logprob_diff" in ra:
+            assert rb["rollout/logprob_diff"] == pytest.approx(ra["rollout/logprob_diff"], abs=1e-5)
+    assert rows_a[-1]["optim/lr"] < rows_a[0]["optim/lr"]  # the schedule moved, and was restored
+    assert [x["dpo/round"] for x in rows_a if "dpo/round" in x] == [1, 2, 3]
+    assert all(x["dpo/pairs"] > 0 for x in rows_a if "dpo/round" in x)  # every round trained
+
+
 def test_online_dpo_checks_scorer_and_prompts_before_loading(tiny_model, tmp_path, setup):
     prompts, env = setup
     base = [f"model.path={tiny_model}", f"output_dir={tmp_path}", f"online.prompts={prompts}", "online.scorer.kind=rule"]
