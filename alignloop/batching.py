@@ -47,6 +47,11 @@ def padded_batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "attention_mask": mask, "targets": tgt}
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """The batch's tensors on ``device`` (the strategy's, where the model lives); other values unchanged."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def shared_prefix_rows(groups: list[list[list[int]]], shared: list[int], pad_id: int, packing: bool
                        ) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     """Rows in which the first ``shared[b]`` tokens of group b (common to all its sequences) appear once,

@@ -11,14 +11,17 @@ import torch.distributed as dist
 from alignloop.config import ConfigError
 from alignloop.models import transformer_blocks
 from alignloop.sections import OptimConfig
-from alignloop.strategy import Strategy, _adamw, init_distributed, make_scheduler, rng_state, set_rng_state
+from alignloop.strategy import (Strategy, _adamw, comm_backend, init_distributed, make_scheduler, rng_state,
+                                set_rng_state, train_device)
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
 
-    def __init__(self, optim: OptimConfig, total_steps: int, grad_accum: int, backend: str = "gloo"):
-        init_distributed(backend)
+    def __init__(self, optim: OptimConfig, total_steps: int, grad_accum: int, device: torch.device | None = None):
+        # fully_shard places the shards on its default mesh's device: the current CUDA device, else the CPU
+        self.device = device if device is not None else train_device()
+        init_distributed(comm_backend(self.device))
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         self.optim_cfg, self.total_steps = optim, total_steps
 

@@ -221,6 +221,13 @@ class VLLMEngine(RolloutEngine):
             kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
         from vllm.platforms import current_platform
 
+        if enable_lora and dtype == "float32" and current_platform.is_cuda():
+            from alignloop.config import ConfigError
+
+            # vLLM's CUDA LoRA kernels (lora/ops/triton_ops/lora_shrink_op.py) assert float16/bfloat16 inputs: fail
+            # here with the fix rather than at the first generate. (The CPU build runs LoRA in float32.)
+            raise ConfigError("vLLM's CUDA LoRA kernels take float16/bfloat16 only: set model.dtype=bfloat16 for "
+                              "LoRA rollouts on a GPU (or peft.method=full)")
         if current_platform.is_cpu():
             # vLLM 0.32 CPU: when a step's prompts exceed the token budget, chunked prefill splits one and rewinds
             # that request's seeded generator (Generator.set_offset), which CPU generators refuse ("CPU Generator
@@ -311,7 +318,10 @@ class HFEngine(RolloutEngine):
 
         if isinstance(model_or_path, (str, Path)):
             self.model_path = str(model_or_path)
+            from alignloop.strategy import train_device
+
             self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype(dtype))
+            self.model.to(train_device())  # the GPU when there is one; a given model stays where it is
         else:
             self.model = model_or_path
             self.model_path = getattr(self.model.config, "_name_or_path", None)

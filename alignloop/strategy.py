@@ -41,6 +41,26 @@ def init_distributed(backend: str = "gloo") -> None:
     dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
+def train_device(use_gpu: bool = False) -> torch.device:
+    """Where this process trains: ``cuda:LOCAL_RANK`` when it sees CUDA (made the current device, the one NCCL,
+    DeepSpeed's ``zero.Init`` and FSDP's default mesh use), else the CPU.
+
+    DeepSpeed moves its engine to CUDA by itself whenever torch sees a GPU, so every strategy follows that one
+    rule. ``use_gpu`` (``ray.use_gpu``) turns a missing GPU into an error instead of a silent CPU run.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    if use_gpu:
+        raise ConfigError("ray.use_gpu=true, but this process sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+def comm_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
@@ -84,12 +104,17 @@ class Strategy:
     name = "base"
     world_size = 1
     rank = 0
+    device = torch.device("cpu")  # where the model lives: batches go there before forward, results come back to CPU
 
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
 
     def model_init_context(self):
+        return contextlib.nullcontext()
+
+    def unsharded_init_context(self):
+        """Build an ordinary (unpartitioned, CPU) model in one process, e.g. on rank 0 to export weights."""
         return contextlib.nullcontext()
 
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
@@ -108,10 +133,13 @@ class SingleStrategy(Strategy):
 
     name = "single"
 
-    def __init__(self, optim: OptimConfig, total_steps: int, grad_accum: int):
+    def __init__(self, optim: OptimConfig, total_steps: int, grad_accum: int, device: torch.device | None = None):
         self.optim_cfg, self.total_steps, self.grad_accum = optim, total_steps, grad_accum
+        self.device = device if device is not None else train_device()
 
     def prepare(self, model):
+        if any(p.device != self.device for p in model.parameters()):
+            model = model.to(self.device)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -144,7 +172,7 @@ class SingleStrategy(Strategy):
                     "client": client_state, "rng": rng_state()}, path / "state.pt")
 
     def load_checkpoint(self, path: Path) -> dict:
-        st = torch.load(path / "state.pt", weights_only=False)
+        st = torch.load(path / "state.pt", weights_only=False, map_location="cpu")  # copied onto the model's device
         missing = set(st["model"]) - {n for n, _ in self.model.named_parameters()}
         if missing:
             raise ConfigError(f"checkpoint {path} does not match the model (unknown parameters, e.g. {sorted(missing)[:3]})")
@@ -170,9 +198,11 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
     def __init__(self, ds: DeepSpeedConfig, optim: OptimConfig, total_steps: int, micro_batch_size: int, grad_accum: int,
-                 dtype: str = "float32", backend: str = "gloo"):
+                 dtype: str = "float32", device: torch.device | None = None):
         import deepspeed
 
+        self.device = device if device is not None else train_device()
+        backend = comm_backend(self.device)
         init_distributed(backend)
         deepspeed.init_distributed(dist_backend=backend)
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -189,6 +219,20 @@ class DeepSpeedStrategy(Strategy):
             self._hf_ds = HfDeepSpeedConfig(self.config)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def unsharded_init_context(self):
+        """ZeRO-3 integration off while the block runs: transformers partitions every model it builds while an
+        ``HfDeepSpeedConfig`` is registered (``is_deepspeed_zero3_enabled()``), a collective that one rank alone
+        hangs in. ``unset_hf_deepspeed_config``/``set_hf_deepspeed_config`` are transformers' own switches."""
+        from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if self._hf_ds is not None:
+                set_hf_deepspeed_config(self._hf_ds)
+
     def prepare(self, model):
         import deepspeed
 
@@ -199,6 +243,7 @@ class DeepSpeedStrategy(Strategy):
         sched = (lambda opt: make_scheduler(opt, self.optim_cfg, self.total_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=sched, config=self.config)
+        self.device = self.engine.device  # DeepSpeed placed the module (cuda:LOCAL_RANK, or the CPU)
         return self.engine
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -239,14 +284,16 @@ class DeepSpeedStrategy(Strategy):
 
 def make_strategy(name: str, *, optim: OptimConfig, ds: DeepSpeedConfig, total_steps: int, micro_batch_size: int,
                   grad_accum: int, dtype: str, use_gpu: bool = False) -> Strategy:
+    """``use_gpu``: a GPU is required (see :func:`train_device`); NCCL on CUDA, gloo on the CPU."""
+    if name not in ("single", "deepspeed", "fsdp"):
+        raise ConfigError(f"train.strategy: unknown {name!r}")
+    device = train_device(use_gpu)
     if name == "single":
-        return SingleStrategy(optim, total_steps, grad_accum)
+        return SingleStrategy(optim, total_steps, grad_accum, device)
     if name == "deepspeed":
-        return DeepSpeedStrategy(ds, optim, total_steps, micro_batch_size, grad_accum, dtype, "nccl" if use_gpu else "gloo")
-    if name == "fsdp":
-        from alignloop.fsdp import FSDPStrategy
+        return DeepSpeedStrategy(ds, optim, total_steps, micro_batch_size, grad_accum, dtype, device)
+    from alignloop.fsdp import FSDPStrategy
 
-        return FSDPStrategy(optim, total_steps, grad_accum, "nccl" if use_gpu else "gloo")
-    raise ConfigError(f"train.strategy: unknown {name!r}")
+    return FSDPStrategy(optim, total_steps, grad_accum, device)
 
 

@@ -33,7 +33,7 @@ def micro_batches(exp: Experience, size: int):
 def _strategy(cfg: PPOConfig, optim, workers: int):
     return make_strategy(cfg.resolved_strategy(), optim=optim, ds=cfg.deepspeed, total_steps=cfg.optimizer_steps,
                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.grad_accum(workers),
-                         dtype=cfg.model.dtype)
+                         dtype=cfg.model.dtype, use_gpu=cfg.ray.use_ray and cfg.ray.gpus_per_worker > 0)
 
 
 class PolicyTrainer:
@@ -49,6 +49,7 @@ class PolicyTrainer:
             # A frozen full copy, loaded *before* the ZeRO-3 init context so it stays an ordinary module
             # (replicated per rank; a sharded reference would be a second DeepSpeed engine).
             self.ref = load_causal_lm(cfg.model, None, path=model_path).eval().requires_grad_(False)
+            self.ref.to(self.strategy.device)
         with self.strategy.model_init_context():
             model = load_causal_lm(cfg.model, cfg.peft, path=model_path)  # dropout off (alignloop.models)
             if self.lora:
@@ -61,6 +62,10 @@ class PolicyTrainer:
     def rank(self) -> int:
         return self.strategy.rank
 
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.device
+
     # ------------------------------------------------------------------ forward
     def _logits(self, model, exp: Experience) -> torch.Tensor:
         out = model(**exp.model_inputs(), use_cache=False)
@@ -71,18 +76,20 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def logprobs(self, exp: Experience, reference: bool = False) -> torch.Tensor:
-        """(B, A) log π(a_t|s_t) of the current policy, or of the reference; 0 on padding."""
+        """(B, A) log π(a_t|s_t) of the current policy, or of the reference; 0 on padding. On the CPU, like every
+        tensor a trainer returns (the driver combines them, through Ray or in process)."""
         out = []
         with self._reference_context() if reference else contextlib.nullcontext():
             model = self.ref if (reference and self.ref is not None) else self.model
-            for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
+            for mb in micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size):
                 out.append(L.logprobs_from_logits(self._logits(model, mb), mb.response_ids) * mb.mask)
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
     # ------------------------------------------------------------------- update
     def train_mini_batch(self, exp: Experience, global_tokens: float, kl_coef: float) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch; returns token-weighted metric sums."""
         a = self.cfg.algo
+        exp = exp.to(self.device)
         sums = {"loss/policy": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0, "ppo/kl_loss": 0.0,
                 "tokens": 0.0}
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
@@ -197,14 +204,21 @@ class CriticTrainer:
     def rank(self) -> int:
         return self.strategy.rank
 
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.device
+
     def _values(self, exp: Experience) -> torch.Tensor:
         return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
 
     @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:
-        return torch.cat([self._values(mb) * mb.mask for mb in micro_batches(exp, self.cfg.train.micro_batch_size)])
+        """(B, A) V_φ(s_t), 0 on padding; on the CPU."""
+        mbs = micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size)
+        return torch.cat([self._values(mb) * mb.mask for mb in mbs]).cpu()
 
     def train_mini_batch(self, exp: Experience, global_tokens: float) -> dict[str, float]:
+        exp = exp.to(self.device)
         sums = {"loss/value": 0.0, "ppo/value_clipfrac": 0.0, "tokens": 0.0}
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
             v = self._values(mb)
@@ -225,23 +239,20 @@ class CriticTrainer:
         """The trained value model as a plain HF ``*ForSequenceClassification`` (LoRA merged) in ``out``: loadable with
         ``AutoModelForSequenceClassification`` and usable as ``critic.init_from`` of the next run.
 
-        Not under ZeRO-3: there a model built after training is partitioned by DeepSpeed's init context (a collective
-        rank 0 cannot run alone); the critic stays in the run's checkpoints."""
-        if getattr(self.strategy, "ds_cfg", None) is not None and self.strategy.ds_cfg.zero_stage == 3:
-            if self.rank == 0:
-                print("[alignloop] ppo: critic export to final/critic is not done under ZeRO-3 (it is in the checkpoints)",
-                      flush=True)
-            return
+        Every rank must call it: the full weights are gathered collectively (ZeRO-3). Rank 0 then builds a fresh,
+        unsharded CPU copy of the same structure with ZeRO-3 integration switched off (else transformers would
+        partition it, a collective rank 0 cannot run alone), loads the weights, merges LoRA and saves."""
         sd = self.strategy.full_state_dict()
         if self.rank != 0:
             return
         sd = {k[len("seq."):]: v for k, v in sd.items() if k.startswith("seq.")}
-        fresh = load_value_model(self.cfg, self.cfg.critic.init_from or self._path).seq  # same structure, CPU, unsharded
-        missing, unexpected = fresh.load_state_dict(sd, strict=False)
-        if unexpected or [k for k in missing if "lora" in k or "score" in k]:
-            raise RuntimeError(f"critic export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if hasattr(fresh, "merge_and_unload"):
-            fresh = fresh.merge_and_unload()
+        with self.strategy.unsharded_init_context():
+            fresh = load_value_model(self.cfg, self.cfg.critic.init_from or self._path).seq  # same structure
+            missing, unexpected = fresh.load_state_dict(sd, strict=False)
+            if unexpected or [k for k in missing if "lora" in k or "score" in k]:
+                raise RuntimeError(f"critic export: state dict mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            if hasattr(fresh, "merge_and_unload"):
+                fresh = fresh.merge_and_unload()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         fresh.save_pretrained(out, safe_serialization=True)

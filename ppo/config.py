@@ -116,6 +116,8 @@ class PPORayConfig(Section):
     critic_workers: int = Field(1, ge=1, description="critic DeepSpeed workers")
     num_engines: int = Field(1, ge=1, description="rollout engine actors (vLLM); each prompt batch is split over them (data-parallel rollouts)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker actor (fractions allowed)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves per actor/critic worker; > 0 requires CUDA there (a fraction lets the actor, critic and engine share one GPU; the ranks of one group need a GPU each, NCCL refuses two on one). A worker that sees CUDA trains on it either way")
+    gpus_per_engine: float = Field(0.0, ge=0, description="GPUs Ray reserves per rollout engine actor (vLLM holds half of its GPU memory: gpu_memory_utilization=0.5)")
     threads_per_worker: int = Field(1, gt=0, description="torch threads in each worker")
     address: str | None = Field(None, description="Ray cluster address (default: the job's cluster, else a local one)")
 

@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 from alignloop import metrics as M
 from alignloop import rundir
-from alignloop.batching import global_batch_indices
+from alignloop.batching import global_batch_indices, to_device
 from alignloop.models import apply_peft, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path
 from alignloop.strategy import make_strategy, seed_all
 from ppo.dpo_config import DPOConfig
@@ -79,7 +79,8 @@ class DPOLearner:
         return self.strategy.is_rank0
 
     def batch(self, examples: list[DPOExample]) -> dict[str, torch.Tensor]:
-        return pair_batch(examples, self.pad_id, self.packing, self.shared_prefix)
+        """The pairs' batch on the model's device."""
+        return to_device(pair_batch(examples, self.pad_id, self.packing, self.shared_prefix), self.strategy.device)
 
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) answer log-probs under the current policy and (N,) answer token counts."""
@@ -160,7 +161,7 @@ class DPOLearner:
             tokens = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in pairs)  # real tokens, whatever the layout
             logps, ntok = self.logps(batch)  # (2b,), (2b,)
             pc, pr = split_pairs(logps)
-            tc, tr = split_pairs(ntok)
+            tc, tr = (x.to(pc) for x in split_pairs(ntok))
             if ref is not None:
                 rc, rr = ref[idx, 0].to(pc), ref[idx, 1].to(pc)
             else:

@@ -38,10 +38,18 @@ class Experience:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def _map(self, fn) -> "Experience":
+        return replace(self, **{f.name: (fn(getattr(self, f.name)) if getattr(self, f.name) is not None else None)
+                                for f in fields(self)})
+
     def select(self, idx: slice | torch.Tensor | list[int]) -> "Experience":
         """Rows ``idx`` of every tensor (micro-batches, rank shards)."""
-        return replace(self, **{f.name: (getattr(self, f.name)[idx] if getattr(self, f.name) is not None else None)
-                                for f in fields(self)})
+        return self._map(lambda t: t[idx])
+
+    def to(self, device: torch.device | str) -> "Experience":
+        """Every tensor on ``device`` (None fields stay None): a trainer moves its shard to the model's device
+        before the forward pass; the driver keeps the whole batch on the CPU."""
+        return self._map(lambda t: t.to(device))
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, T)

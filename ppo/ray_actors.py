@@ -10,6 +10,8 @@ whitening are global by construction; each rank gets an equal, contiguous shard 
 the mini-batch's global token count. Weight sync: rank 0 writes the LoRA adapter to
 the run directory (``sync/adapter``) and the engine loads it, or rank 0 returns the
 gathered full state dict and the engine reloads it (see docs/ppo.md for the GPU path).
+Tensors cross Ray on the CPU: a worker moves its shard to its model's device (``Experience.to``) and
+returns CPU tensors. ``ray.gpus_per_worker`` / ``ray.gpus_per_engine`` reserve GPUs for the actors.
 """
 
 from __future__ import annotations
@@ -140,7 +142,8 @@ class _Group:
 
     def __init__(self, cls, cfg: PPOConfig, model_path: str, n: int):
         port = _free_port()
-        opts = dict(num_cpus=cfg.ray.cpus_per_worker, runtime_env={"env_vars": VLLM_ENV})
+        opts = dict(num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker,
+                    runtime_env={"env_vars": VLLM_ENV})
         self.workers = [cls.options(**opts).remote(cfg.model_dump(mode="json"), model_path, r, n, port,
                                                     cfg.ray.threads_per_worker) for r in range(n)]
         ray.get([w.ready.remote() for w in self.workers])
@@ -169,7 +172,8 @@ class RayRoles:
         self.cfg, self.run = cfg, Path(run).resolve()
         self.actor = _Group(PolicyWorker, cfg, model_path, cfg.ray.actor_workers)
         self.critic = _Group(CriticWorker, cfg, model_path, cfg.ray.critic_workers) if cfg.uses_critic else None
-        self.engines = [EngineWorker.options(num_cpus=cfg.ray.cpus_per_worker, runtime_env={"env_vars": VLLM_ENV}).remote(
+        self.engines = [EngineWorker.options(num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_engine,
+                                             runtime_env={"env_vars": VLLM_ENV}).remote(
             cfg.model_dump(mode="json"), model_path, cfg.ray.threads_per_worker) for _ in range(cfg.ray.num_engines)]
         self.engine = self.engines[0]
         ray.get([e.ready.remote() for e in self.engines])

@@ -42,11 +42,12 @@ class RewardScorer:
     """
 
     def __init__(self, path: str | Path, *, batch_size: int = 16, normalize: bool = False, max_length: int | None = None,
-                 dtype: str = "float32", device: str = "cpu", threads: int | None = None):
+                 dtype: str = "float32", device: str | None = None, threads: int | None = None):
         import torch
         from transformers import AutoModelForSequenceClassification
 
         from alignloop.models import disable_dropout, load_tokenizer, torch_dtype
+        from alignloop.strategy import train_device
         from reward.config import resolve_packing
         from reward.model import RewardModel
 
@@ -56,7 +57,8 @@ class RewardScorer:
         self.stats: dict[str, Any] = json.loads((self.path / "reward_stats.json").read_text()) \
             if (self.path / "reward_stats.json").is_file() else {}
         self.max_length = max_length or int(self.stats.get("max_length") or 1024)
-        self.batch_size, self.normalize, self.device = batch_size, normalize, device
+        self.batch_size, self.normalize = batch_size, normalize
+        self.device = torch.device(device) if device is not None else train_device()  # the GPU when there is one
         if normalize and not self.stats.get("std"):
             from alignloop.config import ConfigError
 
@@ -81,8 +83,7 @@ class RewardScorer:
             for i in range(0, len(ids), self.batch_size):
                 chunk = [TokenizedPreference([s], None, "") for s in ids[i: i + self.batch_size]]
                 b = collate(chunk, self.tok.pad_token_id, packing=self.packing)
-                inputs = {k: v.to(self.device) for k, v in b.model_inputs.items()}
-                out += self.model(**inputs).cpu().tolist()
+                out += self.model(**b.to(self.device).model_inputs).cpu().tolist()
         if self.normalize if normalize is None else normalize:
             mean, std = float(self.stats["mean"]), float(self.stats["std"])
             out = [(r - mean) / std for r in out]

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 from alignloop import metrics as M  # noqa: E402
 from alignloop import rundir  # noqa: E402
-from alignloop.batching import global_batch_indices, shared_prefix_rows  # noqa: E402
+from alignloop.batching import global_batch_indices, shared_prefix_rows, to_device  # noqa: E402
 from alignloop.models import count_parameters, load_tokenizer, resolve_model_path  # noqa: E402
 from alignloop.strategy import make_strategy, seed_all  # noqa: E402
 from reward import evaluate as E  # noqa: E402
@@ -77,6 +77,11 @@ class Batch:
     tokens: int  # real tokens in the batch (of the full conversations)
     layout: str = "padded"  # padded | packed | shared | shared-packed
     positions: int = 0  # token positions the forward pass computes (pads and the shared history once included)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """Every tensor on ``device`` (the strategy's, where the model lives)."""
+        return replace(self, model_inputs=to_device(self.model_inputs, device), index=self.index.to(device),
+                       mask=self.mask.to(device), margin=self.margin.to(device))
 
 
 def shared_prefix_len(seqs: list[list[int]]) -> int:
@@ -151,7 +156,7 @@ def collate(examples: list[TokenizedPreference], pad_id: int, packing: bool, sha
 def pair_counts(r: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, float]:
     """(correctly ordered pairs, pairs, Σ(r_better - r_worse)) over every i<j inside each example."""
     K = r.shape[1]
-    upper = torch.triu(torch.ones(K, K, dtype=torch.bool), diagonal=1)  # (K, K) i<j
+    upper = torch.triu(torch.ones(K, K, dtype=torch.bool, device=mask.device), diagonal=1)  # (K, K) i<j
     valid = upper & mask[:, :, None] & mask[:, None, :]  # (B, K, K)
     diff = r[:, :, None] - r[:, None, :]  # (B, K, K) r_i - r_j
     return int((diff > 0)[valid].sum()), int(valid.sum()), float(diff[valid].sum())
@@ -173,7 +178,8 @@ def batch_loss(cfg: RewardConfig, rewards: torch.Tensor, batch: Batch) -> torch.
 
 @torch.no_grad()
 def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: int, packing: bool,
-                   shared_prefix: bool = False, group_by_length: bool = False) -> list[list[float]]:
+                   shared_prefix: bool = False, group_by_length: bool = False,
+                   device: torch.device | str = "cpu") -> list[list[float]]:
     """Rewards of every answer of every example, best first, in the examples' order (every rank runs every
     batch: ZeRO-3 gathers). ``group_by_length``: batches of similar length, results put back in order."""
     was_training = model.training
@@ -183,7 +189,7 @@ def score_examples(model, examples: list[TokenizedPreference], pad_id: int, mb: 
     for i in range(0, len(order), mb):
         chunk = order[i: i + mb]
         b = collate([examples[j] for j in chunk], pad_id, packing, shared_prefix)
-        rewards = model(**b.model_inputs).float().cpu()  # (N,)
+        rewards = model(**to_device(b.model_inputs, device)).float().cpu()  # (N,)
         for j, row, m in zip(chunk, b.index, b.mask):
             out[j] = rewards[row[m]].tolist()
     if was_training:
@@ -262,7 +268,7 @@ def train_worker(config: dict, *, step_hook=None) -> None:
     layouts: dict[str, int] = {}
 
     def score(examples):
-        return score_examples(model, examples, pad_id, mb, packing, shared, cfg.data.group_by_length)
+        return score_examples(model, examples, pad_id, mb, packing, shared, cfg.data.group_by_length, strategy.device)
 
     positions = real_positions = 0
     for step in range(start, steps):
@@ -275,7 +281,7 @@ def train_worker(config: dict, *, step_hook=None) -> None:
             mine = [mine[j] for j in by_length(mine, shared)]
         loss_sum, correct, pairs, gap, tokens = 0.0, 0, 0, 0.0, 0
         for i in range(0, per_rank, mb):
-            b = collate(mine[i: i + mb], pad_id, packing, shared)
+            b = collate(mine[i: i + mb], pad_id, packing, shared).to(strategy.device)
             layouts[b.layout] = layouts.get(b.layout, 0) + 1
             positions, real_positions = positions + b.positions, real_positions + b.tokens
             rewards = model(**b.model_inputs)  # (N,)

@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 from alignloop import metrics as M
 from alignloop import rundir
-from alignloop.batching import global_batch_indices, packed_batch, padded_batch, token_nll_sum
+from alignloop.batching import global_batch_indices, packed_batch, padded_batch, to_device, token_nll_sum
 from alignloop.data import load_sft_examples
 from alignloop.models import apply_peft, count_parameters, load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 from alignloop.perf import FlopCounter, matmul_peak_flops
@@ -62,14 +62,14 @@ def _only_labelled(cfg: SFTConfig) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, cfg: SFTConfig, examples, pad_id: int) -> float:
+def evaluate(model, cfg: SFTConfig, examples, pad_id: int, device: torch.device | str = "cpu") -> float:
     """Mean answer-token NLL over the eval set (every rank runs every batch: ZeRO-3 gathers need all ranks)."""
     was_training = model.training
     model.eval()
     nll, n = 0.0, 0
     mb = cfg.train.micro_batch_size
     for i in range(0, len(examples), mb):
-        s, k = token_nll_sum(model, make_batch(cfg, examples[i: i + mb], pad_id), _only_labelled(cfg))
+        s, k = token_nll_sum(model, to_device(make_batch(cfg, examples[i: i + mb], pad_id), device), _only_labelled(cfg))
         nll += float(s)
         n += k
     if was_training:
@@ -122,7 +122,8 @@ def train_worker(config: dict) -> None:
     logger = M.MetricsLogger(run, enabled=rank0)
     if rank0:
         print(f"[alignloop] sft: {len(train_ex)} train / {len(eval_ex)} eval examples, {steps} steps, "
-              f"strategy={strategy_name} x{world}, peft={cfg.peft.method}, trainable {trainable:,} of {total:,} params",
+              f"strategy={strategy_name} x{world} on {strategy.device}, peft={cfg.peft.method}, trainable {trainable:,} "
+              f"of {total:,} params",
               flush=True)
     bar = None
     if rank0 and sys.stderr.isatty() and not os.environ.get("RAY_JOB_ID"):
@@ -138,7 +139,7 @@ def train_worker(config: dict) -> None:
         t0 = time.perf_counter()
         idx = global_batch_indices(len(train_ex), G, step, cfg.train.seed)
         mine = [train_ex[i] for i in idx[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]]
-        micro = [make_batch(cfg, mine[i: i + mb], pad_id) for i in range(0, per_rank, mb)]
+        micro = [to_device(make_batch(cfg, mine[i: i + mb], pad_id), strategy.device) for i in range(0, per_rank, mb)]
         local_tokens = sum(int((b["targets"] != -100).sum()) for b in micro)
         global_tokens = strategy.all_reduce_sum(local_tokens)
         loss_sum, seen = 0.0, 0
@@ -161,7 +162,7 @@ def train_worker(config: dict) -> None:
                    M.MFU: flops.mfu(tokens, dt, peak * world), M.STEP_TIME: dt, M.EPOCH: done * G / len(train_ex),
                    M.TRAIN_TOKENS: tokens}
             if eval_ex and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-                rec[M.LOSS_EVAL] = evaluate(model, cfg, eval_ex, pad_id)
+                rec[M.LOSS_EVAL] = evaluate(model, cfg, eval_ex, pad_id, strategy.device)
             logger.log(done, rec)
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == steps:
             path = rundir.checkpoint_path(run, done)
@@ -175,7 +176,7 @@ def train_worker(config: dict) -> None:
     if bar is not None:
         bar.close()
     if eval_ex:
-        logger.log(steps, {M.LOSS_EVAL: evaluate(model, cfg, eval_ex, pad_id)})
+        logger.log(steps, {M.LOSS_EVAL: evaluate(model, cfg, eval_ex, pad_id, strategy.device)})
 
     # 7. final save: full weights gathered on rank 0; adapters saved as adapters
     save_final(strategy, cfg, run, tok)

@@ -1,4 +1,5 @@
-"""The actor update on 2 DeepSpeed ZeRO-3 ranks (Ray actors, gloo) equals the same update in 1 process."""
+"""PPO on 2 DeepSpeed ZeRO-3 ranks (Ray actors, gloo): the actor update equals the same update in 1 process, two
+rollout engines share the batch and the sync, and the critic is exported from ZeRO-3 to final/critic."""
 
 from __future__ import annotations
 
@@ -9,16 +10,7 @@ from alignloop.config import load_config
 from ppo.config import PPOConfig
 from ppo.experience import build_experience
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: more threads than free cores spin against each other (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _cfg(tiny_model, tmp_path, *extra):
@@ -113,3 +105,40 @@ def test_two_rollout_engines_split_the_batch_and_both_get_the_synced_weights(tin
     want = [c[0].token_ids for c in local.generate(prompts, greedy)]
     assert got == want
     assert want != before  # the update changed the answers: the comparison is not trivially equal
+
+
+def test_zero3_critic_is_exported_to_final_with_the_trained_values(tiny_model, tmp_path):
+    """A LoRA critic on 2 ZeRO-3 ranks, trained one step, then ``save_final`` on every rank (what ``RayRoles``
+    runs at the end of a PPO run): rank 0 writes ``final/critic`` while DeepSpeed's HF integration is live in its
+    process (it used to skip the export there: a model built after training was partitioned, and rank 0 alone
+    hung). The export loads with ``AutoModelForSequenceClassification`` and gives the trained critic's values."""
+    ray = pytest.importorskip("ray")
+    from transformers import AutoModelForSequenceClassification
+
+    from alignloop.ray_utils import init_ray
+    from ppo.actor import ValueModel
+    from ppo.ray_actors import CriticWorker, _Group
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    cfg = _cfg(tiny_model, tmp_path, "peft.method=lora", "algo.advantage=gae", "critic.optim.lr=1e-2",
+               "ray.use_ray=true", "ray.critic_workers=2", "ray.cpus_per_worker=0.5", "train.strategy=deepspeed",
+               "deepspeed.zero_stage=3")
+    exp = _experience(300)
+    out = tmp_path / "final" / "critic"
+    init_ray()
+    try:
+        group = _Group(CriticWorker, cfg, str(tiny_model), 2)
+        exp.values = torch.cat(group.map("values", exp))
+        exp.returns = exp.values + exp.advantages
+        group.map("train_mini_batch", exp, float(exp.mask.sum()))
+        trained = torch.cat(group.map("values", exp))
+        group.all("save_final", str(out), str(tiny_model))
+    finally:
+        ray.shutdown()
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    seq = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1)
+    assert not any("lora" in k for k in seq.state_dict())  # merged: a plain sequence-classification model
+    with torch.no_grad():
+        exported = ValueModel(seq.eval())(**exp.model_inputs())[:, exp.answer_slice] * exp.mask
+    torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-5)
+    assert float((trained - exp.values).abs().max()) > 1e-3  # the step moved the values: the check is not vacuous

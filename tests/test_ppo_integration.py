@@ -191,7 +191,11 @@ def test_ray_mode_zero3_groups_full_sync(tiny_model, tmp_path):
     assert m[1]["rollout/logprob_diff"] < 1e-4  # step 2's rollout used the weights pushed after step 1
     assert m[1]["loss/value"] is not None and m[1]["ppo/explained_variance"] is not None
     w = load_file(run / "final/model.safetensors")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    # the critic of the 2 ZeRO-3 ranks, exported by rank 0 (test_ppo_distributed checks its values)
+    critic = AutoModelForSequenceClassification.from_pretrained(run / "final/critic", num_labels=1)
+    assert critic.score.weight.shape[0] == 1 and (run / "final/critic/tokenizer.json").is_file()
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert not torch.allclose(w["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
