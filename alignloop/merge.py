@@ -19,3 +19,32 @@ def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, dtype: str =
     merged.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
     return out_dir
+
+
+def merged_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default") -> dict:
+    """A peft LoRA model's state dict -> the merged model's, with the base model's (Hugging Face checkpoint) names.
+
+    ``W + scaling · B @ A`` for every ``<m>.base_layer.weight`` with ``<m>.lora_A/B.<adapter>.weight`` beside it
+    (``scaling = lora_alpha / r``); other weights pass through; the peft prefix and ``.base_layer`` are dropped.
+    Out of place: the trainer's weights are untouched (an in-place merge/unmerge would drift the base, and with it
+    the adapter-disabled reference). Works on any gathered state dict (single process or ZeRO-3 rank 0).
+    """
+    import torch
+
+    prefix = "base_model.model."
+    out = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if name.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a, b = state_dict.get(f"{stem}.lora_A.{adapter}.weight"), state_dict.get(f"{stem}.lora_B.{adapter}.weight")
+            if a is None or b is None:
+                raise KeyError(f"{key}: no LoRA A/B weights for adapter {adapter!r} beside it")
+            value = value + (scaling * (b.float() @ a.float())).to(value.dtype)
+            name = name[: -len(".base_layer.weight")] + ".weight"
+        elif name.endswith(".base_layer.bias"):
+            name = name[: -len(".base_layer.bias")] + ".bias"
+        out[name] = value
+    return out

@@ -401,8 +401,8 @@ class HFEngine(RolloutEngine):
         adapter = self._adapter
         if adapter is not None:
             self.load_lora(None)
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
+        params = dict(self.model.named_buffers())
+        params.update(self.model.state_dict(keep_vars=True))  # every name, also a tied one (lm_head = embeddings)
         unknown = [k for k in state_dict if k not in params]
         if unknown:
             raise KeyError(f"update_weights: unknown parameter names {unknown[:5]}{'...' if len(unknown) > 5 else ''}")

@@ -37,7 +37,7 @@ def build_tokenizer(out: Path, vocab_size: int = 400):
 
 
 def build_tiny_llama(out: str | Path, seed: int = 0, layers: int = 2, hidden: int = 128, heads: int = 2,
-                     vocab_size: int = 400) -> Path:
+                     vocab_size: int = 400, tie_word_embeddings: bool = False) -> Path:
     """A random Llama with head_dim 64 (vLLM's CPU attention needs 32/64/80/...), saved with its tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -47,7 +47,7 @@ def build_tiny_llama(out: str | Path, seed: int = 0, layers: int = 2, hidden: in
     tok = build_tokenizer(out, vocab_size)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
-                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                      max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

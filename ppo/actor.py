@@ -22,12 +22,23 @@ from alignloop.models import apply_peft, count_parameters, disable_dropout, load
 from alignloop.strategy import make_strategy, seed_all
 from ppo import losses as L
 from ppo.config import PPOConfig
-from ppo.experience import Experience
+from ppo.experience import Experience, shared_prefix_inputs
 
 
 def micro_batches(exp: Experience, size: int):
     for i in range(0, len(exp), size):
         yield exp.select(slice(i, i + size))
+
+
+def packed_inputs(exp: Experience, device: torch.device, attn_implementation: str):
+    """:func:`ppo.experience.shared_prefix_inputs` on ``device``; eager attention gets an additive float mask."""
+    inputs, index = shared_prefix_inputs(exp)  # (1, W) row, (B, A) columns
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if attn_implementation == "eager":  # eager adds the mask to the scores
+        allowed = inputs["attention_mask"]
+        inputs["attention_mask"] = torch.zeros(allowed.shape, device=device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+    return inputs, index.to(device)
 
 
 def _strategy(cfg: PPOConfig, optim, workers: int):
@@ -68,8 +79,15 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ forward
     def _logits(self, model, exp: Experience) -> torch.Tensor:
-        out = model(**exp.model_inputs(), use_cache=False)
-        return out.logits[:, exp.answer_slice]  # (b, A, V)
+        # Only the last A + 1 positions go through the LM head (columns P-1 .. T-1; the answer_slice is its first
+        # A): the (P - 1) x V prompt logits nobody reads are never computed.
+        B, A = exp.response_ids.shape
+        if self.cfg.packs_rows and B > 1:
+            inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
+            out = model(**inputs, use_cache=False, logits_to_keep=index.flatten())
+            return out.logits.view(B, A, -1)  # (b, A, V)
+        out = model(**exp.model_inputs(), use_cache=False, logits_to_keep=A + 1)
+        return out.logits[:, :A]  # (b, A, V)
 
     def _reference_context(self):
         return self.strategy.unwrap().disable_adapter() if self.lora else contextlib.nullcontext()
@@ -87,16 +105,32 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------- update
     def train_mini_batch(self, exp: Experience, global_tokens: float, kl_coef: float) -> dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch; returns token-weighted metric sums."""
+        """One optimizer step on this rank's share of a mini-batch; returns token-weighted metric sums.
+
+        ``exp.old_logprobs is None`` marks the first mini-batch of the first epoch (``algo.reuse_logprobs``): no
+        update has happened since the rollout, so π_θold is the policy being trained and its log-probs are this
+        forward's, detached (the same loss and gradient, without a separate no-grad pass). The gap to the engine's
+        log-probs (``rollout/logprob_diff``) and the KL to the reference are then measured here and returned as sums."""
         a = self.cfg.algo
         exp = exp.to(self.device)
         sums = {"loss/policy": 0.0, "ppo/clipfrac": 0.0, "ppo/approx_kl": 0.0, "ppo/entropy": 0.0, "ppo/kl_loss": 0.0,
                 "tokens": 0.0}
+        fresh = exp.old_logprobs is None
+        if fresh:
+            sums.update({"rollout/logprob_diff_sum": 0.0, "rollout/logprob_diff_max": 0.0, "ppo/kl_old_sum": 0.0})
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
             logits = self._logits(self.model, mb)  # (b, A, V)
             lp = L.logprobs_from_logits(logits, mb.response_ids)  # (b, A)
-            w = L.truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, a.is_cap) if a.is_correction else None
-            loss, m = L.policy_loss(lp, mb.old_logprobs, mb.advantages, mb.mask, clip_eps=a.clip_eps,
+            old = lp.detach() * mb.mask if fresh else mb.old_logprobs
+            if fresh:
+                gap = (mb.rollout_logprobs - old).abs() * mb.mask
+                sums["rollout/logprob_diff_sum"] += float(gap.sum())
+                sums["rollout/logprob_diff_max"] = max(sums["rollout/logprob_diff_max"], float(gap.max()))
+                if mb.ref_logprobs is not None:  # the KL(π_θold || π_ref) the driver reports and adapts β to
+                    sums["ppo/kl_old_sum"] += float(L.masked_sum(L.kl_penalty(old, mb.ref_logprobs, a.kl.estimator),
+                                                                 mb.mask))
+            w = L.truncated_is_weights(old, mb.rollout_logprobs, a.is_cap) if a.is_correction else None
+            loss, m = L.policy_loss(lp, old, mb.advantages, mb.mask, clip_eps=a.clip_eps,
                                     clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip, normalizer=global_tokens,
                                     is_weights=w)
             n = float(mb.mask.sum())
@@ -134,6 +168,16 @@ class PolicyTrainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights with Hugging Face names on rank 0 (empty elsewhere); a collective under ZeRO-3."""
         return self.strategy.full_state_dict()
+
+    def engine_weights(self) -> dict[str, torch.Tensor]:
+        """What a full-weight sync sends the engine (rank 0; a collective under ZeRO-3): the weights, or with LoRA
+        (``rollout.lora_sync=merged``) base + scaling·B@A under the base model's names, computed out of place."""
+        sd = self.strategy.full_state_dict()
+        if not self.lora or not sd:
+            return sd
+        from alignloop.merge import merged_lora_state_dict
+
+        return merged_lora_state_dict(sd, self.cfg.peft.lora_alpha / self.cfg.peft.lora_r)
 
     def parameters_digest(self) -> dict[str, torch.Tensor]:
         """Trainable parameters, gathered (tests compare ranks/processes with it)."""
@@ -209,6 +253,9 @@ class CriticTrainer:
         return self.strategy.device
 
     def _values(self, exp: Experience) -> torch.Tensor:
+        if self.cfg.packs_rows and len(exp) > 1:  # one packed row, each prompt once (see PolicyTrainer)
+            inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
+            return self.model(**inputs)[0, index]  # (b, A)
         return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
 
     @torch.no_grad()

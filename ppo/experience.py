@@ -99,3 +99,40 @@ def build_experience(prompt_ids: list[list[int]], responses: list[list[int]], lo
 
 def concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
+
+
+def shared_prefix_inputs(exp: Experience) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One packed row for the whole batch: each distinct prompt once, its answers as branches after it.
+
+    Returns the model inputs (``input_ids``/``position_ids`` (1, W), a boolean 4D ``attention_mask``
+    (1, 1, W, W): an answer token sees its prompt and its own answer, causally, nothing else) and
+    ``index`` (B, A): the column whose output predicts answer token t of row b (the prompt's last
+    token for t = 0, the answer's token t-1 after that; padding points at a valid column and stays
+    masked). ``logits[0, index]`` is then exactly ``logits[:, answer_slice]`` of the padded layout.
+    """
+    from alignloop.batching import shared_prefix_rows
+
+    B, A = exp.response_ids.shape
+    prompts = [tuple(exp.prompt_ids[b][exp.prompt_mask[b].bool()].tolist()) for b in range(B)]
+    lengths = exp.mask.sum(-1).long().tolist()
+    order: dict[tuple, list[int]] = {}
+    for b, p in enumerate(prompts):
+        order.setdefault(p, []).append(b)
+    groups, shared, rows = [], [], []
+    for p, members in order.items():
+        groups.append([list(p) + exp.response_ids[b, :lengths[b]].tolist() for b in members])
+        shared.append(len(p))
+        rows += members
+    inputs, where = shared_prefix_rows(groups, shared, pad_id=0, packing=True)  # pads are seen by nothing
+    index = torch.zeros((B, A), dtype=torch.long)
+    k = 0
+    for members in order.values():
+        prompt_last = where[k][1] - 1  # the first branch starts right after the prompt
+        for b in members:
+            col = where[k][1]
+            index[b, 0] = prompt_last
+            if A > 1:
+                t = torch.arange(1, A)
+                index[b, 1:] = torch.where(t < max(lengths[b], 1), col + t - 1, prompt_last)
+            k += 1
+    return inputs, index

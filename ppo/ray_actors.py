@@ -63,8 +63,8 @@ class PolicyWorker:
     def save_adapter(self, out: str):
         return self.t.save_adapter(out)
 
-    def full_state_dict(self):
-        return self.t.full_state_dict()
+    def engine_weights(self):
+        return self.t.engine_weights()
 
     def save_final(self, out: str, lora: bool) -> None:
         if lora:
@@ -204,7 +204,7 @@ class RayRoles:
     @staticmethod
     def _merge(parts: list[dict]) -> dict:
         # Sums add over ranks; grad norm and lr are already global (identical on every rank).
-        out = {k: sum(p[k] for p in parts) for k in parts[0]}
+        out = {k: (max if k.endswith("_max") else sum)(p[k] for p in parts) for k in parts[0]}
         for k in ("optim/grad_norm", "optim/lr", "critic/grad_norm"):
             if k in parts[0]:
                 out[k] = parts[0][k]
@@ -217,11 +217,11 @@ class RayRoles:
         return self._merge(self.critic.map("train_mini_batch", exp, global_tokens))
 
     def sync(self) -> None:
-        if self.cfg.peft.method == "lora":
+        if self.cfg.syncs_adapter:
             paths = self.actor.all("save_adapter", str(self.run / "sync" / "adapter"))
             ray.get([e.load_lora.remote(paths[0]) for e in self.engines])
         else:
-            sd = ray.put(self.actor.all("full_state_dict")[0])  # rank 0 holds the gathered weights; one copy in the store
+            sd = ray.put(self.actor.all("engine_weights")[0])  # rank 0 holds the gathered weights; one copy in the store
             ray.get([e.update_weights.remote(sd) for e in self.engines])
 
     def save(self, path: Path, client: dict) -> None:

@@ -154,10 +154,10 @@ class LocalRoles:
         return self.critic.train_mini_batch(exp, global_tokens)
 
     def sync(self) -> None:
-        if self.cfg.peft.method == "lora":
+        if self.cfg.syncs_adapter:
             self.engine.load_lora(self.actor.save_adapter(self.sync_dir / "adapter"))
         else:
-            self.engine.update_weights(self.actor.full_state_dict())
+            self.engine.update_weights(self.actor.engine_weights())
 
     def save(self, path: Path, client: dict) -> None:
         self.actor.save_checkpoint(path / "actor", client)
@@ -193,7 +193,7 @@ def make_rollout_engine(cfg: PPOConfig, model_path: str):
     limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings") or r.max_model_len
     return make_engine(r.engine, model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
                        max_model_len=min(r.max_model_len, int(limit)),
-                       enable_lora=cfg.peft.method == "lora", max_lora_rank=cfg.peft.lora_r,
+                       enable_lora=cfg.syncs_adapter, max_lora_rank=cfg.peft.lora_r,
                        chat_template=cfg.model.chat_template, batch_size=max(1, cfg.rollout_batch))
 
 
@@ -289,34 +289,50 @@ class PPOLoop:
         exp.scores = torch.tensor(self.reward.shape(raw.tolist(), exp.has_eos.tolist()), dtype=torch.float32)
         t_score = time.perf_counter() - t0
 
-        # 4. old / reference log-probs and values
+        # 4. old / reference log-probs and values. The mini-batch order is drawn first: with algo.reuse_logprobs the
+        # first mini-batch of epoch 0 gets π_θold from its own training forward (no update has happened yet), so
+        # the no-grad pass covers only the other rows (none when ppo_epochs = num_mini_batches = 1).
+        g = torch.Generator().manual_seed(cfg.train.seed * 7_919 + step)
+        orders = [torch.randperm(len(exp), generator=g) for _ in range(a.ppo_epochs)]
+        train_actor = step >= cfg.critic.warmup_steps or not cfg.uses_critic
+        # Not when the KL is part of the reward: the advantages need π_θold's log-probs of every row before training.
+        kl_in_adv = a.kl.in_reward and cfg.uses_reference and self.kl_ctl.value > 0
+        reuse = a.reuse_logprobs and train_actor and not kl_in_adv
+        first = orders[0].view(a.num_mini_batches, -1)[0] if reuse else orders[0][:0]
+        rest = torch.ones(len(exp), dtype=torch.bool)
+        rest[first] = False
         t0 = time.perf_counter()
-        exp.old_logprobs = self.roles.logprobs(exp)
+        exp.old_logprobs = torch.zeros_like(exp.rollout_logprobs)
+        if rest.any():
+            exp.old_logprobs[rest] = self.roles.logprobs(exp.select(rest))
         exp.ref_logprobs = self.roles.logprobs(exp, reference=True) if cfg.uses_reference else None
         exp.values = self.roles.values(exp) if cfg.uses_critic else None
 
         # 5. KL, shaped rewards, advantages over the whole batch
         kl_coef = self.kl_ctl.value
         exp.advantages, exp.returns, kl = compute_advantages(cfg, exp, kl_coef)
+        kl = kl * rest.unsqueeze(-1)  # reused rows: measured in their training forward (β = 0 in their advantages)
         t_prep = time.perf_counter() - t0
         mask = exp.mask
         n_tok = float(mask.sum())
-        seq_kl = float(kl.sum(-1).mean())
 
         # 6. update: critic every iteration; the actor after the critic warm-up
         t0 = time.perf_counter()
-        train_actor = step >= cfg.critic.warmup_steps or not cfg.uses_critic
-        g = torch.Generator().manual_seed(cfg.train.seed * 7_919 + step)
         actor_sums, critic_sums = [], []
-        for _ in range(a.ppo_epochs):
-            order = torch.randperm(len(exp), generator=g)
-            for mb_idx in order.view(a.num_mini_batches, -1):
+        reused = None  # the engine-vs-trainer log-prob gap of the reused rows, measured in their training forward
+        for epoch, order in enumerate(orders):
+            for j, mb_idx in enumerate(order.view(a.num_mini_batches, -1)):
                 mb = exp.select(mb_idx)
                 tokens = float(mb.mask.sum())
                 if cfg.uses_critic:
                     critic_sums.append(self.roles.train_critic(mb, tokens))
                 if train_actor:
-                    actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
+                    if epoch == 0 and j == 0 and not rest.all():
+                        mb.old_logprobs = None  # π_θold = this forward (PolicyTrainer.train_mini_batch)
+                        reused = self.roles.train_actor(mb, tokens, kl_coef)
+                        actor_sums.append(reused)
+                    else:
+                        actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
         t_train = time.perf_counter() - t0
 
         # 7. sync the new policy into the engine
@@ -325,15 +341,20 @@ class PPOLoop:
             self.roles.sync()
         t_sync = time.perf_counter() - t0
 
+        seq_kl = (float(kl.sum()) + (reused["ppo/kl_old_sum"] if reused else 0.0)) / len(exp)
         self.kl_ctl.update(seq_kl, len(exp))
 
         # 8. metrics
-        lp_diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * mask
+        lp_diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * mask * rest.unsqueeze(-1)
+        lp_diff_sum, lp_diff_max = float(lp_diff.sum()), float(lp_diff.max())
+        if reused:
+            lp_diff_sum += reused["rollout/logprob_diff_sum"]
+            lp_diff_max = max(lp_diff_max, reused["rollout/logprob_diff_max"])
         rec.update({
             M.REWARD_MEAN: float(raw.mean()), M.REWARD_STD: float(raw.std()) if len(raw) > 1 else 0.0,
             M.REWARD_SHAPED_MEAN: float(exp.scores.mean()),
             M.PPO_KL: seq_kl, M.PPO_KL_COEF: kl_coef,
-            M.ROLLOUT_LOGPROB_DIFF: float(lp_diff.sum() / max(n_tok, 1)), M.ROLLOUT_LOGPROB_DIFF_MAX: float(lp_diff.max()),
+            M.ROLLOUT_LOGPROB_DIFF: lp_diff_sum / max(n_tok, 1), M.ROLLOUT_LOGPROB_DIFF_MAX: lp_diff_max,
             M.ROLLOUT_ANSWER_LENGTH: float(mask.sum(-1).mean()), M.ROLLOUT_NO_EOS_FRAC: float((~exp.has_eos).float().mean()),
             M.PPO_ADVANTAGE_MEAN: float(L.masked_mean(exp.advantages, mask)),
             M.ROLLOUT_TOKENS_PER_S: n_tok / max(t_gen, 1e-9),

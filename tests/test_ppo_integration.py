@@ -138,9 +138,13 @@ def test_cli_rejects_bad_input_before_training(tiny_model, tmp_path):
     assert r.returncode == 2 and "/no/such" in r.stderr
 
 
-def test_lora_sync_makes_vllm_match_the_updated_policy(tiny_model, tmp_path):
-    """After an update + adapter push, vLLM's greedy answers and log-probs are the trainer's (and not the base's)."""
+@pytest.mark.parametrize("lora_sync", ["adapter", "merged"])
+def test_lora_sync_makes_vllm_match_the_updated_policy(tiny_model, tmp_path, lora_sync):
+    """After an update + adapter push (or merged full weights), vLLM's greedy answers and log-probs are the trainer's
+    (and not the base's)."""
     pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+
     from alignloop.config import load_config
     from alignloop.models import load_tokenizer
     from alignloop.rollout import HFEngine, SamplingSettings
@@ -152,7 +156,7 @@ def test_lora_sync_makes_vllm_match_the_updated_policy(tiny_model, tmp_path):
     torch.set_num_threads(1)
     cfg = load_config(PPOConfig, None, [*common(tiny_model, tmp_path), "rollout.engine=vllm", "peft.method=lora",
                                         "peft.lora_r=8", "optim.lr=5e-2", "rollout.prompts_per_step=8",
-                                        "algo.ppo_epochs=2"])
+                                        "algo.ppo_epochs=2", f"rollout.lora_sync={lora_sync}"])
     run = tmp_path / "run"
     run.mkdir()
     roles = LocalRoles(cfg, str(tiny_model), run)
@@ -171,7 +175,11 @@ def test_lora_sync_makes_vllm_match_the_updated_policy(tiny_model, tmp_path):
         exp = build_experience(prompts, [c.token_ids for c in v_out], [c.logprobs for c in v_out], set(), tok.pad_token_id)
         trainer_lp = roles.actor.logprobs(exp)
         assert float(((trainer_lp - exp.rollout_logprobs).abs() * exp.mask).max()) < 1e-4
-        roles.engine.load_lora(None)  # the base model answers differently: the comparison above is not vacuous
+        # the base model answers differently: the comparison above is not vacuous
+        if lora_sync == "adapter":
+            roles.engine.load_lora(None)
+        else:
+            roles.engine.update_weights(AutoModelForCausalLM.from_pretrained(tiny_model).state_dict())
         base_out = [s[0] for s in roles.engine.generate(prompts, greedy)]
         assert [c.token_ids for c in base_out] != [c.token_ids for c in v_out]
     finally:

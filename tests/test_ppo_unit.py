@@ -288,6 +288,79 @@ def test_layout_logprobs_equal_unpadded_forward_and_dropout_is_off(dropout_model
     assert float(a[exp.mask == 0].abs().sum()) == 0
 
 
+def _grouped_experience(seed=0, vocab=300):
+    """3 prompts x 3 answers of different lengths (one empty), rows shuffled: what GRPO rollouts look like."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (4, 2, 6)]
+    rows = [(p, torch.randint(5, vocab, (n,), generator=g).tolist()) for p, ns in zip(prompts, ((3, 5, 1), (4, 0, 2), (5, 5, 3)))
+            for n in ns]
+    perm = torch.randperm(len(rows), generator=g).tolist()
+    rows = [rows[i] for i in perm]
+    exp = build_experience([p for p, _ in rows], [r for _, r in rows], [[0.0] * len(r) for _, r in rows], set(), 0)
+    exp.advantages = torch.randn(exp.mask.shape, generator=g) * exp.mask
+    return exp
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_forward_equals_one_padded_row_per_answer(tiny_model, attn):
+    """Each prompt once, its answers as masked branches: the log-probs, loss and gradients of the padded layout."""
+    exp = _grouped_experience()
+    runs = []
+    for shared in (False, True):
+        pt = _policy(tiny_model, "peft.method=full", "optim.max_grad_norm=0", f"model.attn_implementation={attn}",
+                     f"train.shared_prefix={shared}", "train.micro_batch_size=9", "rollout.prompts_per_step=9")
+        lp = pt.logprobs(exp)
+        exp.ref_logprobs = lp - 0.1 * exp.mask
+        mb = exp.select(slice(None))
+        mb.old_logprobs = lp - 0.05 * exp.mask
+        base = pt.parameters_digest()
+        sums = pt.train_mini_batch(mb, float(exp.mask.sum()), 0.1)
+        runs.append((lp, sums, base, pt.parameters_digest()))
+    (lp0, s0, base, w0), (lp1, s1, _, w1) = runs
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    assert float(lp1[exp.mask == 0].abs().sum()) == 0
+    for k in ("loss/policy", "ppo/entropy", "ppo/kl_loss", "ppo/clipfrac", "tokens"):
+        assert s1[k] == pytest.approx(s0[k], rel=1e-4, abs=1e-6), k
+    for k in w0:
+        d0, d1 = w0[k] - base[k], w1[k] - base[k]
+        assert float((d1 - d0).norm() / d0.norm()) < 2e-3, k  # the same update (Adam, up to float order)
+
+
+def test_shared_prefix_critic_values_and_update_equal_the_padded_layout(tiny_model):
+    from ppo.actor import CriticTrainer
+
+    exp = _grouped_experience()
+    runs = []
+    for shared in (False, True):
+        cfg = cfg_of(f"model.path={tiny_model}", "rollout.prompts_per_step=9", "train.micro_batch_size=9",
+                     f"train.shared_prefix={shared}", "critic.optim.max_grad_norm=0")
+        cr = CriticTrainer(cfg, str(tiny_model))
+        v = cr.values(exp)
+        mb = exp.select(slice(None))
+        mb.values, mb.returns = v, (v + exp.advantages) * exp.mask
+        sums = cr.train_mini_batch(mb, float(exp.mask.sum()))
+        runs.append((v, sums, cr.parameters_digest()))
+    (v0, s0, w0), (v1, s1, w1) = runs
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    assert s1["loss/value"] == pytest.approx(s0["loss/value"], rel=1e-4)
+    for k in w0:  # the same update (Adam on LoRA B = 0 moves every entry by ±lr: float order shows up)
+        assert float((w1[k] - w0[k]).norm() / w0[k].norm()) < 1e-3, k
+
+
+def test_shared_prefix_row_holds_each_prompt_once():
+    from ppo.experience import shared_prefix_inputs
+
+    exp = _grouped_experience()
+    inputs, index = shared_prefix_inputs(exp)
+    real_answers = int(exp.mask.sum())
+    assert inputs["input_ids"].shape == (1, 4 + 2 + 6 + real_answers)  # 3 prompts once + every answer token
+    ids = inputs["input_ids"][0]
+    for b in range(len(exp)):  # the column before each answer token holds the token before it
+        n = int(exp.mask[b].sum())
+        prev = [int(exp.prompt_ids[b, -1])] + exp.response_ids[b, : n - 1].tolist() if n else []
+        assert ids[index[b, :n]].tolist() == prev
+
+
 def _policy(tiny_model, *overrides):
     from ppo.actor import PolicyTrainer
 
@@ -314,6 +387,32 @@ def test_token_level_loss_is_invariant_to_the_micro_batch_split(tiny_model):
         assert float((d1 - d4).norm() / d4.norm()) < 2e-3, k  # the same update (Adam, up to float order)
 
 
+@pytest.mark.parametrize("is_correction", [False, True])
+def test_reused_logprobs_give_the_update_of_a_separate_old_pass(tiny_model, is_correction):
+    """old_logprobs=None (the first mini-batch: π_θold is the policy being trained) = a separate no-grad pass."""
+    exp = _random_experience()
+    runs = []
+    for reuse in (False, True):
+        pt = _policy(tiny_model, "peft.method=full", "optim.max_grad_norm=0", f"algo.is_correction={is_correction}")
+        lp = pt.logprobs(exp)
+        exp.rollout_logprobs = lp - 0.3 * exp.mask * torch.linspace(0, 1, exp.mask.shape[1])  # engine differs
+        exp.ref_logprobs = lp - 0.1 * exp.mask
+        mb = exp.select(slice(None))
+        mb.old_logprobs = None if reuse else lp
+        base = pt.parameters_digest()
+        sums = pt.train_mini_batch(mb, float(exp.mask.sum()), 0.1)
+        runs.append((sums, base, pt.parameters_digest(), lp))
+    (s0, base, w0, lp), (s1, _, w1, _) = runs
+    for k in ("loss/policy", "ppo/entropy", "ppo/kl_loss", "ppo/clipfrac", "tokens"):
+        assert s1[k] == pytest.approx(s0[k], rel=1e-5, abs=1e-7), k
+    for k in w0:
+        torch.testing.assert_close(w1[k] - base[k], w0[k] - base[k], rtol=1e-4, atol=1e-7)
+    gap = (exp.rollout_logprobs - lp).abs() * exp.mask  # the engine-vs-trainer gap, measured in the same forward
+    assert s1["rollout/logprob_diff_sum"] == pytest.approx(float(gap.sum()), rel=1e-5)
+    assert s1["rollout/logprob_diff_max"] == pytest.approx(float(gap.max()), rel=1e-5)
+    assert "rollout/logprob_diff_sum" not in s0
+
+
 def test_lora_reference_is_the_adapter_disabled_base(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -331,6 +430,27 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model):
     with torch.no_grad():
         logits = base(**exp.model_inputs()).logits[:, exp.answer_slice]
     torch.testing.assert_close(ref0, L.logprobs_from_logits(logits, exp.response_ids) * exp.mask, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_lora_weights_equal_peft_merge_and_leave_the_trainer_alone(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    pt = _policy(tiny_model, "peft.method=lora", "peft.lora_r=8", "peft.lora_alpha=24", "optim.lr=5e-2")
+    exp = _random_experience()
+    exp.old_logprobs = pt.logprobs(exp)
+    pt.train_mini_batch(exp, float(exp.mask.sum()), 0.0)  # B != 0 now
+    before = {k: v.clone() for k, v in pt.strategy.unwrap().state_dict().items()}
+    merged = pt.engine_weights()
+    want = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    import copy
+
+    expected = copy.deepcopy(pt.strategy.unwrap()).merge_and_unload().state_dict()
+    assert set(merged) == set(expected) and set(merged) <= set(want)  # the base model's checkpoint names
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(merged[k], want[k]) for k in merged if "proj" in k)  # the update is in there
+    after = pt.strategy.unwrap().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # out of place: the trainer's model is unchanged
 
 
 def test_full_finetune_reference_is_a_frozen_copy(tiny_model):
@@ -401,6 +521,8 @@ def test_critic_starts_from_the_reward_model_or_the_policy_backbone(tiny_model, 
 
 
 # ------------------------------------------------------------ the loop itself
+RULE_E = "reward.rules=[{fn: 'ppo.rewards:char_fraction', kwargs: {chars: 'e'}}]"
+
 def _loop(tiny_model, tmp_path, *overrides):
     from alignloop.models import load_tokenizer
     from ppo.rewards import build_reward
@@ -411,7 +533,7 @@ def _loop(tiny_model, tmp_path, *overrides):
                  "rollout.engine=hf", "rollout.max_new_tokens=6", "rollout.prompts_per_step=4", "peft.method=full",
                  "optim.lr=1e-3", "critic.optim.lr=1e-3", *overrides)
     run = tmp_path / "run"
-    run.mkdir(exist_ok=True)
+    run.mkdir(parents=True, exist_ok=True)
     roles = LocalRoles(cfg, str(tiny_model), run)
     return PPOLoop(cfg, roles, load_tokenizer(str(tiny_model)), run, build_reward(cfg.reward),
                    read_prompts(cfg.data.prompts), str(tiny_model)), roles
@@ -436,6 +558,37 @@ def test_critic_warmup_trains_only_the_critic(tiny_model, tmp_path, monkeypatch)
                  "perf/train_tokens_per_s", "time/rollout_s", "time/score_s", "time/train_s", "time/sync_s"):
         assert name in rec, name
     assert rec["rollout/logprob_diff"] < 1e-4  # the transformers engine samples from the trainer's policy
+
+
+@pytest.mark.parametrize("algo", [
+    ["algo.advantage=grpo", "rollout.n_samples=2", "algo.kl.in_reward=false", "algo.num_mini_batches=2"],
+    ["algo.advantage=grpo", "rollout.n_samples=2", "algo.kl.in_reward=false", "algo.kl.adaptive=true"],
+    ["algo.advantage=gae", "algo.kl.in_reward=true", "algo.num_mini_batches=2", "train.micro_batch_size=2"]])
+def test_reusing_logprobs_changes_nothing_but_the_work(tiny_model, tmp_path, monkeypatch, algo):
+    """algo.reuse_logprobs on and off: the same metrics (KL, log-prob gap, losses) and the same weights."""
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    runs = []
+    for reuse in (False, True):
+        loop, roles = _loop(tiny_model, tmp_path / str(reuse), RULE_E, "algo.kl.coef=0.1", "optim.max_grad_norm=0",
+                            f"algo.reuse_logprobs={reuse}", *algo)
+        calls = []
+        real = roles.logprobs
+        roles.logprobs = lambda exp, reference=False: calls.append((len(exp), reference)) or real(exp, reference)
+        recs = [loop.iteration(s) for s in range(2)]
+        runs.append((recs, roles.actor.parameters_digest(), calls))
+    (r0, w0, c0), (r1, w1, c1) = runs
+    for a, b in zip(r0, r1):
+        for k in ("reward/mean", "ppo/kl", "ppo/kl_coef", "rollout/logprob_diff", "loss/policy", "ppo/entropy",
+                  "ppo/advantage_mean"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in w0:
+        assert float((w1[k] - w0[k]).norm() / w0[k].norm()) < 1e-5, k  # the same weights (up to float order)
+    old0 = sum(n for n, ref in c0 if not ref)
+    old1 = sum(n for n, ref in c1 if not ref)
+    if "algo.kl.in_reward=true" in algo:
+        assert old1 == old0  # the advantages need every row's π_θold before training: nothing is reused
+    else:
+        assert old1 < old0  # the first mini-batch's no-grad pass is gone
 
 
 def test_http_scorer_speaks_reward_serve_protocol():

@@ -215,6 +215,21 @@ def test_hf_update_weights_rejects_unknown_names(tiny_model):
         eng.update_weights({"not.a.weight": torch.zeros(1)})
 
 
+def test_hf_update_weights_takes_a_tied_models_full_state_dict(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: a full state dict names both, and both are accepted."""
+    from transformers import AutoModelForCausalLM
+
+    from alignloop.testing import build_tiny_llama
+
+    path = build_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    eng = HFEngine(path)
+    sd = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert "lm_head.weight" in sd
+    sd = {k: v + 0.01 for k, v in sd.items()}
+    eng.update_weights(sd)
+    torch.testing.assert_close(eng.model.lm_head.weight, sd["model.embed_tokens.weight"])
+
+
 def test_make_engine_rejects_unknown_kind(tiny_model):
     with pytest.raises(ValueError, match="unknown kind"):
         make_engine("tgi", tiny_model)
