@@ -1,7 +1,7 @@
 """Offline DPO training throughput: ``alignloop dpo`` against TRL's ``DPOTrainer``, in one run.
 
     .venv/bin/python bench/bench_dpo.py                                  # SmolLM2-135M + LoRA, 8 steps, 2 rounds
-    .venv/bin/python bench/bench_dpo.py --steps 4 --warmup 1 --rounds 1 --data synthetic
+    .venv/bin/python bench/bench_dpo.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz   # longer prompts
 
 Both sides train the same thing: the packaged SmolLM2-135M-Instruct in float32,
 LoRA r=16 / alpha=32 / dropout 0 on every linear layer of the blocks, sigmoid DPO
@@ -19,8 +19,9 @@ nothing else of the trainer is touched). Only pairs that fit ``--max-length``
 untruncated are used, so neither side cuts anything and the prompt of the chosen
 and the rejected answer is the same token list. Same pairs in every optimizer
 step: TRL reads them in alignloop's step order with a sequential sampler. Data:
-the first such pairs of HH-RLHF harmless-base from ``../shared/data`` (read in
-place, no download), or ``--data synthetic`` (``reward.synthetic.marker_rows``).
+``reward.synthetic.marker_rows`` (the default, ``--data synthetic``: short prompts and
+answers that differ in one word), or the first fitting pairs of a preference file,
+e.g. HH-RLHF harmless-base from ``../shared/data`` (read in place, no download).
 
 Rows:
 - ``alignloop``: ``ppo.dpo_trainer.train_worker``, the function ``alignloop dpo`` runs in-process,
@@ -57,6 +58,7 @@ SYSTEMS = ("alignloop", "trl")
 def parse_args(argv=None):
     # --max-length: pairs longer than this are skipped (nothing is cut); --threads 1: the machine is shared
     ap = pair_bench_args(__doc__, SYSTEMS, steps=8, warmup=2, rounds=2, max_length=256, lr=5e-5, threads=1, name="dpo")
+    ap.set_defaults(data="synthetic")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32)
     ap.add_argument("--beta", type=float, default=0.1)
