@@ -20,6 +20,8 @@ from feedback_service.config import Settings
 from feedback_service.db import Checkpointer, make_engine, make_sessionmaker, migrate, session_scope
 from feedback_service.deps import ActorCache, utc_now
 from feedback_service.errors import ServiceError
+from feedback_service import hotpath
+from feedback_service.hotpath import PgHotPath, WriterHotPath
 from feedback_service.writer import Writer
 from feedback_service.observability import BodyLimit, Metrics, RequestObserver, log
 
@@ -65,6 +67,8 @@ def create_app(settings: Settings, run_migrations: bool = True) -> FastAPI:
     app.state.read_engine = make_engine(settings.db_url, read_only=True) if engine.dialect.name == "sqlite" else engine
     app.state.read_sessionmaker = make_sessionmaker(app.state.read_engine)
     app.state.writer = Writer(factory, group_commit=engine.dialect.name == "sqlite")
+    # lease, rank, skip: PostgreSQL functions on PostgreSQL, the writer's units elsewhere
+    app.state.hot = PgHotPath(engine) if engine.dialect.name == "postgresql" and hotpath.PG_FUNCTIONS else WriterHotPath(app.state.writer)
     app.state.actor_cache = ActorCache()
     app.state.clock = utc_now  # naive UTC now; tests replace it to move time
 

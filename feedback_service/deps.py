@@ -105,7 +105,9 @@ class ActorCache:
 
     Only an optimisation of the lookup, never of the check: a hit says who a token belonged to,
     and every unit that uses it re-checks in its own write transaction that the token is still
-    live (``service.check_actor``), so a revoked token is refused at once, by every worker process.
+    live (in the same statement as its first read: ``service._item_context`` and
+    ``_next_context``, or the PostgreSQL functions of ``hotpath.py``), so a revoked token is refused
+    at once, by every worker process.
     Revocations in this process also empty the cache. A token's labeler and role never change.
     """
 

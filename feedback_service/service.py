@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, Text, and_, bindparam, func, insert, literal, or_, select, text, update
+from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, Text, and_, bindparam, false, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from feedback_service import pairs, quality
@@ -331,7 +331,7 @@ def _pick(exclude_tried: bool, skip_locked: bool):  # noqa: ANN202
     my_lease = select(mine.c.id).where(mine.c.item_id == _items.c.id, mine.c.labeler_id == _lab).scalar_subquery()
     q = select(_items.c.id, my_lease).where(
         _items.c.campaign_id == _cid,
-        _items.c.complete.is_(False),
+        _items.c.complete == false(),  # "= false", not "IS false": only the former can use ix_items_campaign_complete_id
         blocked_for_me == 0,
         _slots_taken_of(_items.c.id) < _overlap,
     )
@@ -411,17 +411,16 @@ def actor_for_token_hash(conn: Connection, token_hash: str) -> Actor | None:
     return Actor(row[0], row[1], row[2]) if row else None
 
 
-def check_actor(conn: Connection, actor: Actor) -> None:
-    """Refuse a token revoked (or a labeler deactivated) since the caller was authenticated."""
-    if _TOKEN_LIVE.first(conn, tid=actor.token_id) is None:
-        raise Unauthorized("invalid or revoked token")
-
-
 def _lease_public(conn: Connection, assignment_id: int, campaign_id: int, expires: datetime, item_id: int) -> AssignmentPublic:
     item = _ITEM_PUBLIC.first(conn, iid=item_id)
     answers = [
         AnswerPublic.model_construct(id=a[0], text=a[1], model_id=a[2], model_version=a[3], sampling=a[4]) for a in _ANSWERS_PUBLIC.all(conn, iid=item_id)
     ]
+    return lease_public(assignment_id, campaign_id, expires, item, answers)
+
+
+def lease_public(assignment_id: int, campaign_id: int, expires: datetime, item: Sequence, answers: list[AnswerPublic]) -> AssignmentPublic:
+    """A lease as the API returns it; ``item``: (id, campaign_id, prompt, messages, created_at)."""
     public = ItemPublic.model_construct(id=item[0], campaign_id=item[1], prompt=item[2], messages=item[3], answers=answers, created_at=item[4])
     return AssignmentPublic.model_construct(assignment_id=assignment_id, campaign_id=campaign_id, lease_expires_at=expires, item=public)
 
@@ -431,11 +430,18 @@ def _next_context(conn: Connection, campaign_id: int, actor: Actor, now: datetim
     caller's token was revoked meanwhile, 404 if there is no such campaign."""
     ctx = _NEXT_CONTEXT.first(conn, tid=actor.token_id, lab=actor.id, cid=campaign_id, now=now)
     if ctx is None:
-        check_actor(conn, actor)  # 401 before 404
-        raise NotFound(f"campaign {campaign_id} not found")
-    if not ctx[0]:
-        raise Unauthorized("invalid or revoked token")
+        check_campaign_context(False, _TOKEN_LIVE.first(conn, tid=actor.token_id) is not None, campaign_id)
+    check_campaign_context(True, bool(ctx[0]), campaign_id)
     return ctx[1:]
+
+
+def check_campaign_context(found: bool, live: bool, campaign_id: int) -> None:
+    """401 if the caller's token was revoked meanwhile (also for a missing campaign), else 404 for
+    a missing campaign. Shared with the PostgreSQL function ``fs_lease`` (``hotpath.py``)."""
+    if not live:
+        raise Unauthorized("invalid or revoked token")
+    if not found:
+        raise NotFound(f"campaign {campaign_id} not found")
 
 
 def _new_lease(conn: Connection, campaign_id: int, actor: Actor, now: datetime, overlap: int, lease_seconds: int, wait: bool = True) -> AssignmentPublic | None:
@@ -491,32 +497,45 @@ def lease_items(conn: Connection, campaign_id: int, actor: Actor, now: datetime,
     return out
 
 
+def check_item_context(found: bool, live: bool, assignment_id: int | None, item_id: int, actor: Actor) -> None:
+    """401 if the caller's token was revoked meanwhile (also for a missing item), 404 unless the
+    item exists and the caller may see it. Shared with the PostgreSQL functions (``hotpath.py``)."""
+    if not live:
+        raise Unauthorized("invalid or revoked token")
+    if not found:
+        raise NotFound(f"item {item_id} not found")
+    if actor.role != "admin" and assignment_id is None:
+        raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
+
+
 def _item_context(conn: Connection, item_id: int, actor: Actor) -> tuple:
     """(campaign_id, overlap, assignment id, status, expires_at, ranking id, ranking, rationale,
     created_at) for the item and the caller (locked on PostgreSQL); 401 if the caller's token
     was revoked meanwhile, 404 unless the caller may see the item."""
     ctx = _ITEM_CONTEXT.first(conn, tid=actor.token_id, iid=item_id, lab=actor.id)
     if ctx is None:
-        check_actor(conn, actor)  # 401 before 404
-        raise NotFound(f"item {item_id} not found")
-    if not ctx[0]:
-        raise Unauthorized("invalid or revoked token")
-    if actor.role != "admin" and ctx[3] is None:
-        raise NotFound(f"item {item_id} not found")  # 404, not 403: do not reveal other labelers' items
+        check_item_context(False, _TOKEN_LIVE.first(conn, tid=actor.token_id) is not None, None, item_id, actor)
+    check_item_context(True, bool(ctx[0]), ctx[3], item_id, actor)
     return ctx[1:]
 
 
-def skip_item(conn: Connection, item_id: int, actor: Actor, now: datetime) -> None:
-    _, _, assignment_id, status, *_ = _item_context(conn, item_id, actor)
+def skip_allowed(item_id: int, assignment_id: int | None, status: str | None) -> None:
+    """409 unless the caller holds the item and has not ranked it (then it is set to skipped)."""
     if assignment_id is None:
         raise Conflict(f"item {item_id} is not assigned to you")
     if status == "done":
         raise Conflict(f"you already ranked item {item_id}")
+
+
+def skip_item(conn: Connection, item_id: int, actor: Actor, now: datetime) -> None:
+    _, _, assignment_id, status, *_ = _item_context(conn, item_id, actor)
+    skip_allowed(item_id, assignment_id, status)
     _SET_STATUS.execute(conn, aid=assignment_id, status="skipped")
 
 
-def _normalize(groups: list[list[int]]) -> list[list[int]]:
-    return [sorted(g) for g in groups]
+def normalize_groups(data: RankingCreate) -> list[list[int]]:
+    """The ranking as stored: tie groups, each sorted."""
+    return [sorted(g) for g in data.groups()]
 
 
 def validate_ranking(item_id: int, answer_ids: Iterable[int], groups: list[list[int]]) -> None:
@@ -537,31 +556,50 @@ def validate_ranking(item_id: int, answer_ids: Iterable[int], groups: list[list[
         raise Invalid(["body", "ranking"], msg, "ranking_invalid")
 
 
-def submit_ranking(conn: Connection, item_id: int, actor: Actor, data: RankingCreate, now: datetime) -> tuple[RankingPublic, bool]:
-    """Store a ranking; (ranking, created). Re-posting the same ranking returns the stored one."""
-    campaign_id, overlap, assignment_id, status, expires_at, ranking_id, stored, rationale, created_at = _item_context(conn, item_id, actor)
-    groups = _normalize(data.groups())
-    validate_ranking(item_id, (r[0] for r in _ANSWER_IDS.all(conn, iid=item_id)), groups)
+def ranking_outcome(
+    item_id: int, actor: Actor, data: RankingCreate, groups: list[list[int]], ctx: Sequence, answer_ids: Iterable[int], slots_others: Callable[[], int], now: datetime
+) -> RankingPublic | None:
+    """The checks of a ranking after the item context (``_item_context``), in their order: raise
+    the request's error, return the stored ranking for an idempotent replay, or None: store it.
+    ``slots_others`` counts the item's slots held by others (asked only for an expired lease).
+    Shared with the PostgreSQL function ``fs_rank`` (``hotpath.py``), which stores the ranking
+    exactly when this returns None."""
+    campaign_id, overlap, assignment_id, status, expires_at, ranking_id, stored, rationale, created_at = ctx
+    validate_ranking(item_id, answer_ids, groups)
     if ranking_id is not None:
         if stored == groups and rationale == data.rationale:
-            same = RankingPublic.model_construct(
+            return RankingPublic.model_construct(
                 id=ranking_id, item_id=item_id, campaign_id=campaign_id, labeler_id=actor.id, ranking=stored, rationale=rationale, created_at=created_at
             )
-            return same, False
         raise Conflict(f"you already ranked item {item_id} differently (ranking {ranking_id}); rankings are final")
     if assignment_id is None:
         raise Conflict(f"item {item_id} is not assigned to you: ask for the next item first")
     if status == "skipped":
         raise Conflict(f"you skipped item {item_id}")
-    if expires_at <= now and _SLOTS_OTHERS.scalar(conn, iid=item_id, now=now, lab=actor.id) >= overlap:
+    if expires_at <= now and slots_others() >= overlap:
         raise Conflict(f"your lease on item {item_id} expired and the item went to other labelers")
+    return None
+
+
+def submit_ranking(conn: Connection, item_id: int, actor: Actor, data: RankingCreate, now: datetime) -> tuple[RankingPublic, bool]:
+    """Store a ranking; (ranking, created). Re-posting the same ranking returns the stored one."""
+    ctx = _item_context(conn, item_id, actor)
+    groups = normalize_groups(data)
+    answer_ids = [r[0] for r in _ANSWER_IDS.all(conn, iid=item_id)]
+    same = ranking_outcome(item_id, actor, data, groups, ctx, answer_ids, lambda: _SLOTS_OTHERS.scalar(conn, iid=item_id, now=now, lab=actor.id), now)
+    if same is not None:
+        return same, False
+    campaign_id, overlap, assignment_id = ctx[0], ctx[1], ctx[2]
     _SET_STATUS.execute(conn, aid=assignment_id, status="done")
     new_id = _NEW_RANKING.scalar(conn, iid=item_id, lab=actor.id, cid=campaign_id, ranking=groups, rationale=data.rationale, now=now)
     _MARK_COMPLETE.execute(conn, iid=item_id, overlap=overlap)
-    ranking = RankingPublic.model_construct(
-        id=new_id, item_id=item_id, campaign_id=campaign_id, labeler_id=actor.id, ranking=groups, rationale=data.rationale, created_at=now
+    return new_ranking(new_id, item_id, campaign_id, actor, groups, data, now), True
+
+
+def new_ranking(ranking_id: int, item_id: int, campaign_id: int, actor: Actor, groups: list[list[int]], data: RankingCreate, now: datetime) -> RankingPublic:
+    return RankingPublic.model_construct(
+        id=ranking_id, item_id=item_id, campaign_id=campaign_id, labeler_id=actor.id, ranking=groups, rationale=data.rationale, created_at=now
     )
-    return ranking, True
 
 
 def get_ranking_for(session: Session, ranking_id: int, actor: Labeler) -> Ranking:

@@ -15,7 +15,7 @@ from feedback_service.db import current_revision
 from feedback_service.deps import ACTOR_SECURITY, ActorDep, AdminUser, AuthDep, ClockDep, CurrentUser, ReadSessionDep, SessionDep, SettingsDep
 from feedback_service.api.fastroute import HotRoute, fast
 from feedback_service.errors import Invalid
-from feedback_service.writer import Writer
+from feedback_service.hotpath import PgHotPath, WriterHotPath
 from feedback_service.schemas import (
     AssignmentPublic,
     CampaignCreate,
@@ -217,13 +217,14 @@ def get_item(item_id: IdPath, session: ReadSessionDep, user: CurrentUser) -> Ite
 # ---- assignment and rankings ---------------------------------------------------------------
 
 
-# The three hot routes are async and hand their work to the writer (group commit on SQLite): no
-# worker thread is held while a batch commits. Their answer is serialized here, from the public
-# model the unit built, and is sent only after the commit returned (durable before the 2xx).
+# The hot routes are async and hand their work to ``app.state.hot`` (hotpath.py: group commit of
+# service.py's units on SQLite, of server-side function calls on PostgreSQL): no worker thread is
+# held while a commit runs. Their answer is serialized here, from the public model the hot path built, and is sent
+# only after the commit returned (durable before the 2xx).
 
 
-def _writer(request: Request) -> Writer:
-    return request.app.state.writer
+def _hot(request: Request) -> WriterHotPath | PgHotPath:
+    return request.app.state.hot
 
 
 def _json(model: BaseModel, status_code: int = 200) -> Response:
@@ -242,7 +243,7 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
 async def submit_ranking(item_id: IdPath, body: RankingCreate, actor: ActorDep, request: Request) -> Response:
     """Store a full order of the item's answers (nested lists are ties). Durable before the 2xx."""
     now = request.app.state.clock()
-    ranking, created = await _writer(request).submit(lambda session: service.submit_ranking(session.connection(), item_id, actor, body, now))
+    ranking, created = await _hot(request).submit_ranking(item_id, actor, body, now)
     if created:
         request.state.ranking_stored = True
     return _json(ranking, status.HTTP_201_CREATED if created else status.HTTP_200_OK)
@@ -259,7 +260,7 @@ async def submit_ranking(item_id: IdPath, body: RankingCreate, actor: ActorDep, 
 async def next_item(campaign_id: IdPath, actor: ActorDep, request: Request) -> Response:
     """Lease the next item to rank (or return the lease already held). 204 when none is left."""
     now = request.app.state.clock()
-    out = await _writer(request).submit(lambda session: service.next_assignment(session.connection(), campaign_id, actor, now))
+    out = await _hot(request).next_assignment(campaign_id, actor, now)
     return Response(status_code=status.HTTP_204_NO_CONTENT) if out is None else _json(out)
 
 
@@ -275,7 +276,7 @@ async def lease_items(
     that keep a few items at hand, so a ranking costs one request instead of two. Overlap and
     lease expiry apply to each lease as with ``next``; an empty list when nothing is left."""
     now = request.app.state.clock()
-    leases = await _writer(request).submit(lambda session: service.lease_items(session.connection(), campaign_id, actor, now, count))
+    leases = await _hot(request).lease_items(campaign_id, actor, now, count)
     return _json(LeaseBatch.model_construct(leases=leases))
 
 
@@ -284,7 +285,7 @@ async def lease_items(
 async def skip(item_id: IdPath, actor: ActorDep, request: Request) -> Response:
     """Give the item back; it is not offered to you again."""
     now = request.app.state.clock()
-    await _writer(request).submit(lambda session: service.skip_item(session.connection(), item_id, actor, now))
+    await _hot(request).skip_item(item_id, actor, now)
     return _json(SkipPublic(item_id=item_id, status="skipped"))
 
 

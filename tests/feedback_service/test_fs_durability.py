@@ -44,7 +44,8 @@ class ServerProcess:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        raise AssertionError("server did not come up")
+        self.stop()  # no server left behind by a failed start
+        raise AssertionError("server did not come up in 60 s: " + self.log_path.read_text()[-2000:])
 
     def kill(self) -> None:
         assert self.proc is not None

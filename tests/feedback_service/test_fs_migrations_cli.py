@@ -36,9 +36,9 @@ def test_upgrade_from_first_revision_keeps_data(db_url, tmp_path) -> None:
     from fastapi.testclient import TestClient
 
     app = create_app(Settings(db_url=db_url, data_dir=tmp_path, admin_token=ADMIN_TOKEN, log_requests=False))
-    assert current_revision(app.state.engine) == "0005"
+    assert current_revision(app.state.engine) == "0007"
     with TestClient(app, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        assert client.get("/health").json()["schema_revision"] == "0005"
+        assert client.get("/health").json()["schema_revision"] == "0007"
         assert client.get("/api/v1/items/1").json()["prompt"] == "old prompt"
         export = client.post("/api/v1/campaigns/1/exports", json={"aggregation": "none"}).json()
         rows = client.get(f"/api/v1/exports/{export['id']}/rows").text.splitlines()
