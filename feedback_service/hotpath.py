@@ -158,7 +158,7 @@ class _Connection:
     psycopg's libpq wrapper (``psycopg.pq``): a prepared statement is sent, the loop wakes this
     connection when its socket is readable, the rows are decoded per column. psycopg opens the
     connection (authentication, the URL's options); its cursor machinery is left out, which
-    costs about 110 µs of Python per statement against about 25 µs here."""
+    costs 70-110 µs of Python per statement against 18-25 µs here."""
 
     __slots__ = ("psy", "pg", "fd", "loop", "waiter", "broken", "generation")
 
