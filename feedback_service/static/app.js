@@ -95,7 +95,9 @@ async function nextItem() {
   $("item").hidden = !state.assignment;
   $("done").hidden = !!state.assignment;
   if (state.assignment) renderItem();
-  await refreshProgress();
+  // Not awaited: the new item takes keys (S, 1-9, Enter) from the moment it is shown. Awaiting the progress
+  // call kept submit() busy for one more round trip, and a key pressed then was dropped.
+  refreshProgress().catch(showError);
 }
 
 function renderItem() {
