@@ -327,12 +327,12 @@ class PPOLoop:
                 if cfg.uses_critic:
                     critic_sums.append(self.roles.train_critic(mb, tokens))
                 if train_actor:
-                    if epoch == 0 and j == 0 and not rest.all():
+                    fresh = reuse and epoch == 0 and j == 0
+                    if fresh:
                         mb.old_logprobs = None  # π_θold = this forward (PolicyTrainer.train_mini_batch)
-                        reused = self.roles.train_actor(mb, tokens, kl_coef)
-                        actor_sums.append(reused)
-                    else:
-                        actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
+                    actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
+                    if fresh:
+                        reused = actor_sums[-1]
         t_train = time.perf_counter() - t0
 
         # 7. sync the new policy into the engine
