@@ -7,7 +7,9 @@
 Same base model (the packaged SmolLM2-135M-Instruct, float32, LoRA r=16 on all
 linear layers), same prompts (``ppo/data/prompts.jsonl``, chat template), same
 batch, same answer cap (``--max-new-tokens``), same reward (``ppo.rewards:brevity``),
-temperature 1, one torch thread everywhere (the machine is shared). Rows:
+temperature 1, ``--threads`` torch threads everywhere (default 1: the machine is shared; 2 gives each system
+the whole 2-core machine in turn; ``--overlap-critic`` then runs alignloop's actor and critic side by side with one
+thread each, ``train.overlap_critic``). Rows:
 
 - ``ppo-vllm`` / ``ppo-hf``: ``configs/ppo.yaml`` (critic + GAE, 2 epochs x 2 mini-batches),
   ``--prompts`` prompts x 1 sample, rollouts by vLLM or by transformers generate.
@@ -63,6 +65,10 @@ def parse_args(argv=None):
     ap.add_argument("--grpo-prompts", type=int, default=2, help="GRPO: prompts per iteration")
     ap.add_argument("--group", type=int, default=4, help="GRPO: samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every system (default 1: one core each; 2 gives each system this whole machine)")
+    ap.add_argument("--overlap-critic", action="store_true",
+                    help="ppo-*: train.overlap_critic=true with --threads/2 threads per role (actor and critic side by side)")
     ap.add_argument("--work-dir", default="/tmp/alignloop-bench-ppo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"))
     ap.add_argument("--trl112-python", default=TRL112_PYTHON,
@@ -84,15 +90,17 @@ def run_ours(system: str, a) -> dict:
     from ppo.trainer import LocalRoles, PPOLoop, read_prompts
 
     algo, engine = system.split("-")
+    overlap = ["train.overlap_critic=true"] if a.overlap_critic and algo == "ppo" else []
+    threads = max(1, a.threads // 2) if overlap else a.threads
     cfg_file = ROOT / "configs" / ("ppo.yaml" if algo == "ppo" else "grpo.yaml")
     batch = [f"rollout.prompts_per_step={a.prompts}", "rollout.n_samples=1"] if algo == "ppo" else \
         [f"rollout.prompts_per_step={a.grpo_prompts}", f"rollout.n_samples={a.group}"]
     run = Path(a.work_dir) / system
     cfg = load_config(PPOConfig, cfg_file, [f"output_dir={a.work_dir}", f"run_name={system}", f"rollout.engine={engine}",
                                             f"rollout.max_new_tokens={a.max_new_tokens}", f"train.max_steps={a.steps}",
-                                            "train.threads=1", "critic.warmup_steps=0", "train.save_every=0",
-                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch])
-    torch.set_num_threads(1)
+                                            f"train.threads={threads}", "critic.warmup_steps=0", "train.save_every=0",
+                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap])
+    torch.set_num_threads(threads)
     run.mkdir(parents=True, exist_ok=True)
     path = resolve_model_path(cfg.model.path)
     roles = LocalRoles(cfg, path, run)
@@ -120,7 +128,7 @@ def run_trl(a) -> dict:
     from ppo.rewards import brevity
     from ppo.trainer import read_prompts
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     path = resolve_model_path("smollm2")
     tok = load_tokenizer(path)
     rows = read_prompts(str(ROOT / "ppo/data/prompts.jsonl"))
@@ -177,7 +185,7 @@ def run_trl_ppo(a) -> dict:
     from ppo.rewards import brevity
     from ppo.trainer import read_prompts, tokenize_prompts
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     path = a.model_dir
     tok = AutoTokenizer.from_pretrained(path)
     # TRL PPO derives attention masks from ``ids != pad_token_id``; SmolLM2's pad is its EOS (<|im_end|>, which
@@ -330,8 +338,9 @@ def main(argv=None) -> int:
             python, extra = a.trl112_python, ["--model-dir", resolve_model_path("smollm2"), "--trl-critic", a.trl_critic]
         cmd = [python, __file__, "--one", system, "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--prompts", str(a.prompts), "--grpo-prompts", str(a.grpo_prompts), "--group", str(a.group),
-               "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir, *extra]
-        env = dict(os.environ, OMP_NUM_THREADS="1", TRL_EXPERIMENTAL_SILENCE="1")
+               "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir, "--threads", str(a.threads),
+               *(["--overlap-critic"] if a.overlap_critic else []), *extra]
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TRL_EXPERIMENTAL_SILENCE="1")
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -137,6 +137,10 @@ class PPOTrainConfig(Section):
     max_steps: int = Field(20, gt=0, description="PPO iterations (rollout + update)")
     seed: int = Field(42, description="seed for prompt order, sampling and init")
     threads: int | None = Field(None, gt=0, description="torch threads in the driver process (None: torch's default; 1 on a shared, busy CPU)")
+    overlap_critic: bool = Field(False, description="in process: the critic's value pass and updates run in a second "
+                                 "thread beside the actor's (each with train.threads torch threads; set threads to at "
+                                 "most half the cores). The same results, in about the time of the actor's work "
+                                 "alone. On Ray the critic group always works beside the actor group")
     log_every: int = Field(1, gt=0, description="log metrics every N iterations")
     save_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept")

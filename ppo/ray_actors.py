@@ -152,11 +152,25 @@ class _Group:
         k = len(exp) // len(self.workers)
         return [exp.select(slice(r * k, (r + 1) * k)) for r in range(len(self.workers))]
 
+    def submit(self, method: str, exp: Experience, *args) -> list:
+        """The calls, not waited for (each worker runs a caller's calls in the order they were made)."""
+        return [getattr(w, method).remote(s, *args) for w, s in zip(self.workers, self.shards(exp))]
+
     def map(self, method: str, exp: Experience, *args) -> list:
-        return ray.get([getattr(w, method).remote(s, *args) for w, s in zip(self.workers, self.shards(exp))])
+        return ray.get(self.submit(method, exp, *args))
 
     def all(self, method: str, *args) -> list:
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+
+class _Pending:
+    """Ray calls of one group, gathered (and combined) on ``result()``."""
+
+    def __init__(self, refs: list, combine):
+        self.refs, self.combine = refs, combine
+
+    def result(self):
+        return self.combine(ray.get(self.refs))
 
 
 class RayRoles:
@@ -198,8 +212,8 @@ class RayRoles:
     def logprobs(self, exp, reference=False):
         return self._torch.cat(self.actor.map("logprobs", exp, reference))
 
-    def values(self, exp):
-        return self._torch.cat(self.critic.map("values", exp))
+    def values_async(self, exp):
+        return _Pending(self.critic.submit("values", exp), self._torch.cat)
 
     @staticmethod
     def _merge(parts: list[dict]) -> dict:
@@ -213,8 +227,9 @@ class RayRoles:
     def train_actor(self, exp, global_tokens, kl_coef):
         return self._merge(self.actor.map("train_mini_batch", exp, global_tokens, kl_coef))
 
-    def train_critic(self, exp, global_tokens):
-        return self._merge(self.critic.map("train_mini_batch", exp, global_tokens))
+    def train_critic_async(self, exp, global_tokens):
+        """The critic group works while the driver goes on to the actor's mini-batches."""
+        return _Pending(self.critic.submit("train_mini_batch", exp, global_tokens), self._merge)
 
     def sync(self) -> None:
         if self.cfg.syncs_adapter:

@@ -126,8 +126,21 @@ def make_kl_controller(cfg: PPOConfig):
 
 # -------------------------------------------------------------------- roles
 
+class Done:
+    """A result already computed, with the ``result()`` of a future (the roles' ``*_async`` calls return either)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
 class LocalRoles:
-    """Actor, critic and engine in this process (``train.strategy=single``)."""
+    """Actor, critic and engine in this process (``train.strategy=single``).
+
+    ``train.overlap_critic``: the critic's calls run, in the order they were made, in one worker thread beside the
+    actor's (torch releases the GIL inside its kernels, so on a CPU each role keeps its own cores busy)."""
 
     def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
         from ppo.actor import CriticTrainer, PolicyTrainer
@@ -137,6 +150,22 @@ class LocalRoles:
         self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
         self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
         self.sync_dir = run / "sync"
+        self._critic_thread = None
+        if self.critic is not None and cfg.train.overlap_critic:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = torch.get_num_threads()  # the worker thread uses the driver's intra-op thread count
+            self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic",
+                                                     initializer=lambda: torch.set_num_threads(n))
+
+    def _critic_call(self, fn, *args):
+        return self._critic_thread.submit(fn, *args) if self._critic_thread else Done(fn(*args))
+
+    def values_async(self, exp):
+        return self._critic_call(self.critic.values, exp)
+
+    def train_critic_async(self, exp, global_tokens):
+        return self._critic_call(self.critic.train_mini_batch, exp, global_tokens)
 
     def generate(self, prompt_ids, settings):
         return self.engine.generate(prompt_ids, settings)
@@ -144,14 +173,8 @@ class LocalRoles:
     def logprobs(self, exp, reference=False):
         return self.actor.logprobs(exp, reference)
 
-    def values(self, exp):
-        return self.critic.values(exp)
-
     def train_actor(self, exp, global_tokens, kl_coef):
         return self.actor.train_mini_batch(exp, global_tokens, kl_coef)
-
-    def train_critic(self, exp, global_tokens):
-        return self.critic.train_mini_batch(exp, global_tokens)
 
     def sync(self) -> None:
         if self.cfg.syncs_adapter:
@@ -183,6 +206,8 @@ class LocalRoles:
         return self.actor.parameters_digest()
 
     def close(self) -> None:
+        if self._critic_thread is not None:
+            self._critic_thread.shutdown(wait=True, cancel_futures=True)
         self.engine.close()
 
 
@@ -302,11 +327,12 @@ class PPOLoop:
         rest = torch.ones(len(exp), dtype=torch.bool)
         rest[first] = False
         t0 = time.perf_counter()
+        values = self.roles.values_async(exp) if cfg.uses_critic else None  # the critic works beside the actor
         exp.old_logprobs = torch.zeros_like(exp.rollout_logprobs)
         if rest.any():
             exp.old_logprobs[rest] = self.roles.logprobs(exp.select(rest))
         exp.ref_logprobs = self.roles.logprobs(exp, reference=True) if cfg.uses_reference else None
-        exp.values = self.roles.values(exp) if cfg.uses_critic else None
+        exp.values = values.result() if values is not None else None
 
         # 5. KL, shaped rewards, advantages over the whole batch
         kl_coef = self.kl_ctl.value
@@ -316,16 +342,17 @@ class PPOLoop:
         mask = exp.mask
         n_tok = float(mask.sum())
 
-        # 6. update: critic every iteration; the actor after the critic warm-up
+        # 6. update: critic every iteration; the actor after the critic warm-up. The critic's mini-batches depend
+        # only on the experience, so they are all handed over first and run (in order) beside the actor's.
         t0 = time.perf_counter()
-        actor_sums, critic_sums = [], []
+        actor_sums = []
+        critic_futures = [self.roles.train_critic_async(exp.select(mb_idx), float(mask[mb_idx].sum()))
+                          for order in orders for mb_idx in order.view(a.num_mini_batches, -1)] if cfg.uses_critic else []
         reused = None  # the engine-vs-trainer log-prob gap of the reused rows, measured in their training forward
         for epoch, order in enumerate(orders):
             for j, mb_idx in enumerate(order.view(a.num_mini_batches, -1)):
                 mb = exp.select(mb_idx)
                 tokens = float(mb.mask.sum())
-                if cfg.uses_critic:
-                    critic_sums.append(self.roles.train_critic(mb, tokens))
                 if train_actor:
                     fresh = reuse and epoch == 0 and j == 0
                     if fresh:
@@ -333,6 +360,7 @@ class PPOLoop:
                     actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
                     if fresh:
                         reused = actor_sums[-1]
+        critic_sums = [f.result() for f in critic_futures]
         t_train = time.perf_counter() - t0
 
         # 7. sync the new policy into the engine

@@ -591,6 +591,32 @@ def test_reusing_logprobs_changes_nothing_but_the_work(tiny_model, tmp_path, mon
         assert old1 < old0  # the first mini-batch's no-grad pass is gone
 
 
+def test_overlapping_the_critic_changes_nothing_but_the_time(tiny_model, tmp_path, monkeypatch):
+    """train.overlap_critic: the critic's value pass and updates run in a worker thread beside the actor's; the
+    metrics and both models' weights are those of the sequential loop, bit for bit."""
+    import threading
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    runs = []
+    for overlap in (False, True):
+        loop, roles = _loop(tiny_model, tmp_path / str(overlap), RULE_E, "algo.num_mini_batches=2", "algo.ppo_epochs=2",
+                            "train.micro_batch_size=2", "critic.warmup_steps=1", f"train.overlap_critic={overlap}")
+        threads = set()
+        for name in ("values", "train_mini_batch"):
+            real = getattr(roles.critic, name)
+            setattr(roles.critic, name, lambda *a, _f=real: threads.add(threading.current_thread().name) or _f(*a))
+        recs = [loop.iteration(s) for s in range(3)]  # a warm-up step (critic only), then both
+        runs.append((recs, roles.actor.parameters_digest(), roles.critic.parameters_digest(), threads))
+        roles.close()
+    (r0, a0, c0, t0), (r1, a1, c1, t1) = runs
+    assert t0 == {threading.current_thread().name} and len(t1) == 1 and t1.pop().startswith("critic")
+    for x, y in zip(r0, r1):
+        assert {k: v for k, v in x.items() if not k.startswith(("time/", "perf/"))} == \
+            {k: v for k, v in y.items() if not k.startswith(("time/", "perf/"))}
+    assert all(torch.equal(a0[k], a1[k]) for k in a0) and all(torch.equal(c0[k], c1[k]) for k in c0)
+    assert "loss/value" in r1[0] and "loss/policy" not in r1[0] and "loss/policy" in r1[2]
+
+
 def test_http_scorer_speaks_reward_serve_protocol():
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
