@@ -214,7 +214,7 @@ class VLLMEngine(RolloutEngine):
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(self.model_path, chat_template)
         kwargs = dict(model=self.model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=True,  # no CUDA graphs / torch.compile: starts fast, same numbers on CPU
+                      enforce_eager=True,  # no CUDA graphs / torch.compile: starts fast (rollout.compile turns them on)
                       logprobs_mode="raw_logprobs",  # see the module docstring
                       enable_lora=enable_lora, gpu_memory_utilization=gpu_memory_utilization)
         if enable_lora:
@@ -443,8 +443,9 @@ def vllm_available() -> bool:
 
 def make_engine(kind: EngineKind, model_path: str | Path, *, dtype: str = "float32", seed: int = 0,
                 max_model_len: int = 2048, enable_lora: bool = False, max_lora_rank: int = 16,
-                chat_template: str | None = None, batch_size: int = 16) -> RolloutEngine:
-    """``vllm``, ``hf``, or ``auto`` (vLLM when it imports, else transformers with a one-line notice)."""
+                chat_template: str | None = None, batch_size: int = 16, compile: bool = False) -> RolloutEngine:
+    """``vllm``, ``hf``, or ``auto`` (vLLM when it imports, else transformers with a one-line notice).
+    ``compile``: vLLM compiles its model (``enforce_eager=False``); transformers generate ignores it."""
     if kind == "auto":
         if vllm_available():
             kind = "vllm"
@@ -453,7 +454,7 @@ def make_engine(kind: EngineKind, model_path: str | Path, *, dtype: str = "float
             kind = "hf"
     if kind == "vllm":
         return VLLMEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_lora=enable_lora,
-                          max_lora_rank=max_lora_rank, chat_template=chat_template)
+                          max_lora_rank=max_lora_rank, chat_template=chat_template, enforce_eager=not compile)
     if kind == "hf":
         return HFEngine(model_path, dtype=dtype, seed=seed, batch_size=batch_size, chat_template=chat_template)
     raise ValueError(f"engine: unknown kind {kind!r} (vllm | hf | auto)")

@@ -9,7 +9,7 @@ linear layers), same prompts (``ppo/data/prompts.jsonl``, chat template), same
 batch, same answer cap (``--max-new-tokens``), same reward (``ppo.rewards:brevity``),
 temperature 1, ``--threads`` torch threads everywhere (default 1: the machine is shared; 2 gives each system
 the whole 2-core machine in turn; ``--overlap-critic`` then runs alignloop's actor and critic side by side with one
-thread each, ``train.overlap_critic``). Rows:
+thread each, ``train.overlap_critic``, after rollouts on both). Rows:
 
 - ``ppo-vllm`` / ``ppo-hf``: ``configs/ppo.yaml`` (critic + GAE, 2 epochs x 2 mini-batches),
   ``--prompts`` prompts x 1 sample, rollouts by vLLM or by transformers generate.
@@ -67,8 +67,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of every system (default 1: one core each; 2 gives each system this whole machine)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for the alignloop rows (repeatable), e.g. train.shared_prefix=false")
     ap.add_argument("--overlap-critic", action="store_true",
-                    help="ppo-*: train.overlap_critic=true with --threads/2 threads per role (actor and critic side by side)")
+                    help="ppo-*: train.overlap_critic=true (rollouts on --threads threads, then actor and critic side by side "
+                         "on half each)")
     ap.add_argument("--work-dir", default="/tmp/alignloop-bench-ppo")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"))
     ap.add_argument("--trl112-python", default=TRL112_PYTHON,
@@ -91,7 +94,7 @@ def run_ours(system: str, a) -> dict:
 
     algo, engine = system.split("-")
     overlap = ["train.overlap_critic=true"] if a.overlap_critic and algo == "ppo" else []
-    threads = max(1, a.threads // 2) if overlap else a.threads
+    threads = a.threads  # with the overlap: rollouts take them all, the actor and the critic half each
     cfg_file = ROOT / "configs" / ("ppo.yaml" if algo == "ppo" else "grpo.yaml")
     batch = [f"rollout.prompts_per_step={a.prompts}", "rollout.n_samples=1"] if algo == "ppo" else \
         [f"rollout.prompts_per_step={a.grpo_prompts}", f"rollout.n_samples={a.group}"]
@@ -99,7 +102,7 @@ def run_ours(system: str, a) -> dict:
     cfg = load_config(PPOConfig, cfg_file, [f"output_dir={a.work_dir}", f"run_name={system}", f"rollout.engine={engine}",
                                             f"rollout.max_new_tokens={a.max_new_tokens}", f"train.max_steps={a.steps}",
                                             f"train.threads={threads}", "critic.warmup_steps=0", "train.save_every=0",
-                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap])
+                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap, *a.set])
     torch.set_num_threads(threads)
     run.mkdir(parents=True, exist_ok=True)
     path = resolve_model_path(cfg.model.path)
@@ -339,7 +342,7 @@ def main(argv=None) -> int:
         cmd = [python, __file__, "--one", system, "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--prompts", str(a.prompts), "--grpo-prompts", str(a.grpo_prompts), "--group", str(a.group),
                "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir, "--threads", str(a.threads),
-               *(["--overlap-critic"] if a.overlap_critic else []), *extra]
+               *(["--overlap-critic"] if a.overlap_critic else []), *[f"--set={x}" for x in a.set], *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TRL_EXPERIMENTAL_SILENCE="1")
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

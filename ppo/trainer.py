@@ -140,7 +140,8 @@ class LocalRoles:
     """Actor, critic and engine in this process (``train.strategy=single``).
 
     ``train.overlap_critic``: the critic's calls run, in the order they were made, in one worker thread beside the
-    actor's (torch releases the GIL inside its kernels, so on a CPU each role keeps its own cores busy)."""
+    actor's (torch releases the GIL inside its kernels, so on a CPU each role keeps its own cores busy). Rollouts then
+    use all ``train.threads`` torch threads and each role half of them."""
 
     def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
         from ppo.actor import CriticTrainer, PolicyTrainer
@@ -151,12 +152,15 @@ class LocalRoles:
         self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
         self.sync_dir = run / "sync"
         self._critic_thread = None
+        self._threads = torch.get_num_threads()
         if self.critic is not None and cfg.train.overlap_critic:
             from concurrent.futures import ThreadPoolExecutor
 
-            n = torch.get_num_threads()  # the worker thread uses the driver's intra-op thread count
+            half = max(1, self._threads // 2)
+            # torch._C's setter: vLLM's CPU backend replaces torch.set_num_threads with a no-op in its process.
+            # The OpenMP thread count is per calling thread: this one's for the critic thread, see generate().
             self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic",
-                                                     initializer=lambda: torch.set_num_threads(n))
+                                                     initializer=lambda: torch._C.set_num_threads(half))
 
     def _critic_call(self, fn, *args):
         return self._critic_thread.submit(fn, *args) if self._critic_thread else Done(fn(*args))
@@ -168,7 +172,13 @@ class LocalRoles:
         return self._critic_call(self.critic.train_mini_batch, exp, global_tokens)
 
     def generate(self, prompt_ids, settings):
-        return self.engine.generate(prompt_ids, settings)
+        if self._critic_thread is None:
+            return self.engine.generate(prompt_ids, settings)
+        torch._C.set_num_threads(self._threads)  # nothing else runs: the rollout takes every thread
+        try:
+            return self.engine.generate(prompt_ids, settings)
+        finally:
+            torch._C.set_num_threads(max(1, self._threads // 2))  # the actor's share; the critic thread has the rest
 
     def logprobs(self, exp, reference=False):
         return self.actor.logprobs(exp, reference)
@@ -216,10 +226,11 @@ def make_rollout_engine(cfg: PPOConfig, model_path: str):
 
     r = cfg.rollout
     limit = json.loads((Path(model_path) / "config.json").read_text()).get("max_position_embeddings") or r.max_model_len
-    return make_engine(r.engine, model_path, dtype=cfg.model.dtype, seed=cfg.train.seed,
+    return make_engine(r.engine, model_path, dtype=r.dtype or cfg.model.dtype, seed=cfg.train.seed,
                        max_model_len=min(r.max_model_len, int(limit)),
                        enable_lora=cfg.syncs_adapter, max_lora_rank=cfg.peft.lora_r,
-                       chat_template=cfg.model.chat_template, batch_size=max(1, cfg.rollout_batch))
+                       chat_template=cfg.model.chat_template, batch_size=max(1, cfg.rollout_batch),
+                       compile=r.compile)
 
 
 # --------------------------------------------------------------------- loop
