@@ -22,7 +22,7 @@ from alignloop.models import apply_peft, count_parameters, disable_dropout, load
 from alignloop.strategy import make_strategy, seed_all
 from ppo import losses as L
 from ppo.config import PPOConfig
-from ppo.experience import Experience, shared_prefix_inputs
+from ppo.experience import Experience, repeats_a_prompt, shared_prefix_inputs
 
 
 def micro_batches(exp: Experience, size: int):
@@ -39,6 +39,29 @@ def packed_inputs(exp: Experience, device: torch.device, attn_implementation: st
         inputs["attention_mask"] = torch.zeros(allowed.shape, device=device).masked_fill(
             ~allowed, torch.finfo(torch.float32).min)
     return inputs, index.to(device)
+
+
+def autocast(cfg: PPOConfig, device: torch.device):
+    """``train.autocast``: the forward (and so the backward) in bfloat16 where autocast allows it; the weights, the
+    optimizer and the heads (:func:`float32_head`) stay float32."""
+    if cfg.train.autocast != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def float32_head(head: nn.Module) -> None:
+    """Run ``head`` (the LM head, the value head) in float32 even under autocast: a log-prob needs more than
+    bfloat16's 8 significant bits (logits of 10-30 would carry errors of ~0.1, half a PPO clip range)."""
+    if getattr(head, "_alignloop_float32", False):
+        return
+    forward = head.forward
+
+    def float_forward(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float(), *args, **kwargs)
+
+    head.forward = float_forward
+    head._alignloop_float32 = True
 
 
 def _strategy(cfg: PPOConfig, optim, workers: int):
@@ -68,6 +91,10 @@ class PolicyTrainer:
         self.trainable, self.total = count_parameters(model)
         self.model = self.strategy.prepare(model)
         self.model.train()
+        if cfg.train.autocast:
+            for m in (self.strategy.unwrap(), self.ref):
+                if m is not None:
+                    float32_head(m.get_output_embeddings())
 
     @property
     def rank(self) -> int:
@@ -82,12 +109,13 @@ class PolicyTrainer:
         # Only the last A + 1 positions go through the LM head (columns P-1 .. T-1; the answer_slice is its first
         # A): the (P - 1) x V prompt logits nobody reads are never computed.
         B, A = exp.response_ids.shape
-        if self.cfg.packs_rows and B > 1:
-            inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
-            out = model(**inputs, use_cache=False, logits_to_keep=index.flatten())
-            return out.logits.view(B, A, -1)  # (b, A, V)
-        out = model(**exp.model_inputs(), use_cache=False, logits_to_keep=A + 1)
-        return out.logits[:, :A]  # (b, A, V)
+        with autocast(self.cfg, self.device):
+            if self.cfg.packs_rows and B > 1 and repeats_a_prompt(exp):
+                inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
+                out = model(**inputs, use_cache=False, logits_to_keep=index.flatten())
+                return out.logits.view(B, A, -1)  # (b, A, V)
+            out = model(**exp.model_inputs(), use_cache=False, logits_to_keep=A + 1)
+            return out.logits[:, :A]  # (b, A, V)
 
     def _reference_context(self):
         return self.strategy.unwrap().disable_adapter() if self.lora else contextlib.nullcontext()
@@ -241,6 +269,9 @@ class CriticTrainer:
         self._path = model_path
         with self.strategy.model_init_context():
             model = load_value_model(cfg, cfg.critic.init_from or model_path)
+        if cfg.train.autocast:
+            inner = model.seq.get_base_model() if hasattr(model.seq, "get_base_model") else model.seq
+            float32_head(inner.score)
         self.model = self.strategy.prepare(model)
         self.model.train()
 
@@ -253,10 +284,11 @@ class CriticTrainer:
         return self.strategy.device
 
     def _values(self, exp: Experience) -> torch.Tensor:
-        if self.cfg.packs_rows and len(exp) > 1:  # one packed row, each prompt once (see PolicyTrainer)
-            inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
-            return self.model(**inputs)[0, index]  # (b, A)
-        return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
+        with autocast(self.cfg, self.device):
+            if self.cfg.packs_rows and len(exp) > 1 and repeats_a_prompt(exp):  # one packed row (see PolicyTrainer)
+                inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
+                return self.model(**inputs)[0, index]  # (b, A)
+            return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
 
     @torch.no_grad()
     def values(self, exp: Experience) -> torch.Tensor:

@@ -101,6 +101,13 @@ def concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def repeats_a_prompt(exp: Experience) -> bool:
+    """Some prompt fills two rows. Only then does one packed row (:func:`shared_prefix_inputs`) save work: with
+    distinct prompts it saves only the padding and pays attention over the whole row (W² instead of B·T²)."""
+    keys = {tuple(exp.prompt_ids[b][exp.prompt_mask[b].bool()].tolist()) for b in range(len(exp))}
+    return len(keys) < len(exp)
+
+
 def shared_prefix_inputs(exp: Experience) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One packed row for the whole batch: each distinct prompt once, its answers as branches after it.
 

@@ -347,6 +347,27 @@ def test_shared_prefix_critic_values_and_update_equal_the_padded_layout(tiny_mod
         assert float((w1[k] - w0[k]).norm() / w0[k].norm()) < 1e-3, k
 
 
+def test_only_micro_batches_that_repeat_a_prompt_are_packed(tiny_model, monkeypatch):
+    """PPO (one answer per prompt) keeps padded rows: a packed row would save only padding and cost attention over
+    the whole row; a GRPO micro-batch (a prompt's answers together) is packed."""
+    import ppo.actor as A
+    from ppo.experience import repeats_a_prompt
+
+    calls = []
+    real = A.packed_inputs
+    monkeypatch.setattr(A, "packed_inputs", lambda exp, *a: calls.append(len(exp)) or real(exp, *a))
+    grouped = _grouped_experience()
+    firsts = torch.tensor([b for b in range(len(grouped)) if not any(
+        torch.equal(grouped.prompt_ids[b], grouped.prompt_ids[c]) for c in range(b))])
+    distinct = grouped.select(firsts)  # one row per prompt
+    assert repeats_a_prompt(grouped) and not repeats_a_prompt(distinct) and len(distinct) == 3
+    pt = _policy(tiny_model, "peft.method=full", "train.micro_batch_size=9", "rollout.prompts_per_step=9")
+    pt.logprobs(distinct)
+    assert calls == []
+    pt.logprobs(grouped)
+    assert calls == [9]
+
+
 def test_shared_prefix_row_holds_each_prompt_once():
     from ppo.experience import shared_prefix_inputs
 
@@ -367,6 +388,42 @@ def _policy(tiny_model, *overrides):
     cfg = cfg_of(f"model.path={tiny_model}", "rollout.prompts_per_step=4", "train.micro_batch_size=4",
                  "optim.lr=1e-3", *overrides)
     return PolicyTrainer(cfg, str(tiny_model))
+
+
+def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model):
+    """train.autocast=bfloat16: the blocks compute in bf16, the LM head and the value head in float32; log-probs and
+    values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32."""
+    from ppo.actor import CriticTrainer
+
+    exp = _grouped_experience()
+    seen = {}
+    runs = []
+    for ac in (None, "bfloat16"):
+        over = ["peft.method=lora", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "optim.max_grad_norm=0"]
+        if ac:
+            over.append(f"train.autocast={ac}")
+        pt = _policy(tiny_model, *over)
+        model = pt.strategy.unwrap()
+        if ac:
+            model.get_base_model().model.layers[0].mlp.down_proj.register_forward_hook(
+                lambda m, i, o: seen.__setitem__("block", o.dtype))
+            model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.__setitem__("head", o.dtype))
+        lp = pt.logprobs(exp)
+        mb = exp.select(slice(None))
+        mb.old_logprobs, mb.ref_logprobs = lp - 0.05 * exp.mask, None
+        base = pt.parameters_digest()
+        pt.train_mini_batch(mb, float(exp.mask.sum()), 0.0)
+        step = {k: v - base[k] for k, v in pt.parameters_digest().items()}
+        cr = CriticTrainer(cfg_of(f"model.path={tiny_model}", *over), str(tiny_model))
+        runs.append((lp, step, cr.values(exp), {p.dtype for p in model.parameters()}))
+    (lp0, step0, v0, _), (lp1, step1, v1, dtypes) = runs
+    assert seen == {"block": torch.bfloat16, "head": torch.float32}
+    assert dtypes == {torch.float32}
+    diff = float((lp1 - lp0).abs().max())
+    assert 1e-5 < diff < 0.05, diff  # bf16 rounding of the blocks only (a bf16 head would err by ~0.1)
+    assert 1e-6 < float((v1 - v0).abs().max()) < 0.05
+    a, b = torch.cat([step0[k].flatten() for k in step0]), torch.cat([step1[k].flatten() for k in step0])
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9  # the same update direction
 
 
 def test_token_level_loss_is_invariant_to_the_micro_batch_split(tiny_model):
