@@ -69,6 +69,8 @@ def parse_args(argv=None):
                     help="torch threads of every system (default 1: one core each; 2 gives each system this whole machine)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for the alignloop rows (repeatable), e.g. train.shared_prefix=false")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed precision on both sides: alignloop train.autocast=bfloat16, TRL bf16=True (autocast)")
     ap.add_argument("--overlap-critic", action="store_true",
                     help="ppo-*: train.overlap_critic=true (rollouts on --threads threads, then actor and critic side by side "
                          "on half each)")
@@ -102,7 +104,7 @@ def run_ours(system: str, a) -> dict:
     cfg = load_config(PPOConfig, cfg_file, [f"output_dir={a.work_dir}", f"run_name={system}", f"rollout.engine={engine}",
                                             f"rollout.max_new_tokens={a.max_new_tokens}", f"train.max_steps={a.steps}",
                                             f"train.threads={threads}", "critic.warmup_steps=0", "train.save_every=0",
-                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap, *a.set])
+                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap, *(["train.autocast=bfloat16"] if a.bf16 else []), *a.set])
     torch.set_num_threads(threads)
     run.mkdir(parents=True, exist_ok=True)
     path = resolve_model_path(cfg.model.path)
@@ -144,7 +146,7 @@ def run_trl(a) -> dict:
         return [brevity("", t, words=20) for t in texts]
 
     B = a.grpo_prompts * a.group
-    args = GRPOConfig(output_dir=str(Path(a.work_dir) / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=B,
+    args = GRPOConfig(output_dir=str(Path(a.work_dir) / "trl"), use_cpu=True, bf16=a.bf16, per_device_train_batch_size=B,
                       num_generations=a.group, max_completion_length=a.max_new_tokens, max_steps=a.steps,
                       learning_rate=5e-5, lr_scheduler_type="constant", beta=0.04, num_iterations=1, logging_steps=1, report_to="none",
                       save_strategy="no", disable_dropout=True, temperature=1.0, seed=42, dataloader_num_workers=0)
@@ -260,7 +262,7 @@ def run_trl_ppo(a) -> dict:
             p.requires_grad = "lora_" in n or n.startswith("score.")
 
     B = a.prompts
-    args = TRLPPOConfig(output_dir=str(Path(a.work_dir) / "trl-ppo"), use_cpu=True, bf16=False, fp16=False,
+    args = TRLPPOConfig(output_dir=str(Path(a.work_dir) / "trl-ppo"), use_cpu=True, bf16=a.bf16, fp16=False,
                         gradient_checkpointing=False, per_device_train_batch_size=B, gradient_accumulation_steps=1,
                         num_mini_batches=2, num_ppo_epochs=2, total_episodes=a.steps * B,
                         local_rollout_forward_batch_size=B, response_length=a.max_new_tokens, stop_token="eos",
@@ -342,7 +344,7 @@ def main(argv=None) -> int:
         cmd = [python, __file__, "--one", system, "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--prompts", str(a.prompts), "--grpo-prompts", str(a.grpo_prompts), "--group", str(a.group),
                "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir, "--threads", str(a.threads),
-               *(["--overlap-critic"] if a.overlap_critic else []), *[f"--set={x}" for x in a.set], *extra]
+               *(["--overlap-critic"] if a.overlap_critic else []), *(["--bf16"] if a.bf16 else []), *[f"--set={x}" for x in a.set], *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TRL_EXPERIMENTAL_SILENCE="1")
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
