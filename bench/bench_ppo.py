@@ -95,17 +95,18 @@ def run_ours(system: str, a) -> dict:
     from ppo.trainer import LocalRoles, PPOLoop, read_prompts
 
     algo, engine = system.split("-")
-    overlap = ["train.overlap_critic=true"] if a.overlap_critic and algo == "ppo" else []
-    threads = a.threads  # with the overlap: rollouts take them all, the actor and the critic half each
+    # with the overlap, rollouts take all --threads, then the actor and the critic half each
+    extra = (["train.overlap_critic=true"] if a.overlap_critic and algo == "ppo" else []) + \
+        (["train.autocast=bfloat16"] if a.bf16 else [])
     cfg_file = ROOT / "configs" / ("ppo.yaml" if algo == "ppo" else "grpo.yaml")
     batch = [f"rollout.prompts_per_step={a.prompts}", "rollout.n_samples=1"] if algo == "ppo" else \
         [f"rollout.prompts_per_step={a.grpo_prompts}", f"rollout.n_samples={a.group}"]
     run = Path(a.work_dir) / system
     cfg = load_config(PPOConfig, cfg_file, [f"output_dir={a.work_dir}", f"run_name={system}", f"rollout.engine={engine}",
                                             f"rollout.max_new_tokens={a.max_new_tokens}", f"train.max_steps={a.steps}",
-                                            f"train.threads={threads}", "critic.warmup_steps=0", "train.save_every=0",
-                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *overlap, *(["train.autocast=bfloat16"] if a.bf16 else []), *a.set])
-    torch.set_num_threads(threads)
+                                            f"train.threads={a.threads}", "critic.warmup_steps=0", "train.save_every=0",
+                                            f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *extra, *a.set])
+    torch.set_num_threads(a.threads)
     run.mkdir(parents=True, exist_ok=True)
     path = resolve_model_path(cfg.model.path)
     roles = LocalRoles(cfg, path, run)

@@ -101,11 +101,15 @@ def concat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _prompts(exp: Experience) -> list[tuple[int, ...]]:
+    """Each row's prompt token ids without padding."""
+    return [tuple(exp.prompt_ids[b][exp.prompt_mask[b].bool()].tolist()) for b in range(len(exp))]
+
+
 def repeats_a_prompt(exp: Experience) -> bool:
     """Some prompt fills two rows. Only then does one packed row (:func:`shared_prefix_inputs`) save work: with
     distinct prompts it saves only the padding and pays attention over the whole row (W² instead of B·T²)."""
-    keys = {tuple(exp.prompt_ids[b][exp.prompt_mask[b].bool()].tolist()) for b in range(len(exp))}
-    return len(keys) < len(exp)
+    return len(set(_prompts(exp))) < len(exp)
 
 
 def shared_prefix_inputs(exp: Experience) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -120,7 +124,7 @@ def shared_prefix_inputs(exp: Experience) -> tuple[dict[str, torch.Tensor], torc
     from alignloop.batching import shared_prefix_rows
 
     B, A = exp.response_ids.shape
-    prompts = [tuple(exp.prompt_ids[b][exp.prompt_mask[b].bool()].tolist()) for b in range(B)]
+    prompts = _prompts(exp)
     lengths = exp.mask.sum(-1).long().tolist()
     order: dict[tuple, list[int]] = {}
     for b, p in enumerate(prompts):

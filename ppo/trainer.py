@@ -153,14 +153,14 @@ class LocalRoles:
         self.sync_dir = run / "sync"
         self._critic_thread = None
         self._threads = torch.get_num_threads()
+        self._half = max(1, self._threads // 2)  # each role's share while they work side by side
         if self.critic is not None and cfg.train.overlap_critic:
             from concurrent.futures import ThreadPoolExecutor
 
-            half = max(1, self._threads // 2)
             # torch._C's setter: vLLM's CPU backend replaces torch.set_num_threads with a no-op in its process.
             # The OpenMP thread count is per calling thread: this one's for the critic thread, see generate().
             self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic",
-                                                     initializer=lambda: torch._C.set_num_threads(half))
+                                                     initializer=lambda: torch._C.set_num_threads(self._half))
 
     def _critic_call(self, fn, *args):
         return self._critic_thread.submit(fn, *args) if self._critic_thread else Done(fn(*args))
@@ -178,7 +178,7 @@ class LocalRoles:
         try:
             return self.engine.generate(prompt_ids, settings)
         finally:
-            torch._C.set_num_threads(max(1, self._threads // 2))  # the actor's share; the critic thread has the rest
+            torch._C.set_num_threads(self._half)  # the actor's share; the critic thread has the rest
 
     def logprobs(self, exp, reference=False):
         return self.actor.logprobs(exp, reference)
