@@ -226,8 +226,9 @@ class VLLMEngine(RolloutEngine):
 
             # vLLM's CUDA LoRA kernels (lora/ops/triton_ops/lora_shrink_op.py) assert float16/bfloat16 inputs: fail
             # here with the fix rather than at the first generate. (The CPU build runs LoRA in float32.)
-            raise ConfigError("vLLM's CUDA LoRA kernels take float16/bfloat16 only: set model.dtype=bfloat16 for "
-                              "LoRA rollouts on a GPU (or peft.method=full)")
+            raise ConfigError("vLLM's CUDA LoRA kernels take float16/bfloat16 only: set rollout.dtype=bfloat16 (the "
+                              "engine alone) or model.dtype=bfloat16 for LoRA rollouts on a GPU (or peft.method=full, "
+                              "or rollout.lora_sync=merged)")
         if current_platform.is_cpu():
             # vLLM 0.32 CPU: when a step's prompts exceed the token budget, chunked prefill splits one and rewinds
             # that request's seeded generator (Generator.set_offset), which CPU generators refuse ("CPU Generator

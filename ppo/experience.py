@@ -129,11 +129,10 @@ def shared_prefix_inputs(exp: Experience) -> tuple[dict[str, torch.Tensor], torc
     order: dict[tuple, list[int]] = {}
     for b, p in enumerate(prompts):
         order.setdefault(p, []).append(b)
-    groups, shared, rows = [], [], []
+    groups, shared = [], []
     for p, members in order.items():
         groups.append([list(p) + exp.response_ids[b, :lengths[b]].tolist() for b in members])
         shared.append(len(p))
-        rows += members
     inputs, where = shared_prefix_rows(groups, shared, pad_id=0, packing=True)  # pads are seen by nothing
     index = torch.zeros((B, A), dtype=torch.long)
     k = 0
