@@ -118,7 +118,7 @@ def run_ours(system: str, a) -> dict:
         wall = time.perf_counter() - t0
         tokens = rec["rollout/answer_length"] * cfg.rollout_batch
         iters.append({"wall_s": wall, "gen_s": rec["time/rollout_s"], "train_s": rec["time/train_s"],
-                      "tokens": tokens, "reward": rec["reward/mean"], "logprob_diff": rec["rollout/logprob_diff"]})
+                      "tokens": tokens, "reward": rec["reward/mean"], "logprob_diff": rec.get("rollout/logprob_diff")})
     roles.close()
     return {"system": system, "iterations": iters}
 

@@ -102,6 +102,7 @@ class AlgoConfig(Section):
     ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     num_mini_batches: int = Field(1, gt=0, description="optimizer steps per pass")
     reuse_logprobs: bool = Field(True, description="the first mini-batch of the first epoch takes π_θold from its own training forward (detached) instead of a separate pass: same loss and gradient, one forward pass fewer per sample when ppo_epochs = num_mini_batches = 1")
+    old_logprobs: Literal["trainer", "rollout"] = Field("trainer", description="π_θold of the ratio and the KL: trainer = a no-grad trainer pass over every answer after the rollout; rollout = the engine's sampled-token log-probs (the behaviour policy, as TRL's PPO uses its generation logits): one actor forward pass fewer per sample, the clip then also bounds any engine/trainer gap (rollout/logprob_diff, then measured on the first mini-batch)")
     is_correction: bool = Field(False, description="truncated importance sampling between rollout engine and trainer log-probs")
     is_cap: float = Field(2.0, gt=0, description="truncation cap of the IS weights")
     kl: KLConfig = KLConfig()
@@ -189,6 +190,9 @@ class PPOConfig(Section):
                                  f"{a.num_mini_batches} x {who} {workers} x train.micro_batch_size {self.train.micro_batch_size}")
         if not self.ray.use_ray and (self.ray.actor_workers > 1 or self.ray.critic_workers > 1 or self.ray.num_engines > 1):
             raise ValueError("ray.actor_workers/critic_workers/num_engines > 1 need ray.use_ray=true")
+        if self.algo.old_logprobs == "rollout" and self.algo.is_correction:
+            raise ValueError("algo.is_correction weighs π_θold/π_engine, which algo.old_logprobs=rollout makes 1: "
+                             "set one of them only")
         if self.train.strategy == "deepspeed" and not self.ray.use_ray:
             raise ValueError("train.strategy=deepspeed runs on Ray workers: set ray.use_ray=true")
         return self

@@ -51,6 +51,22 @@ class Experience:
         before the forward pass; the driver keeps the whole batch on the CPU."""
         return self._map(lambda t: t.to(device))
 
+    def trimmed(self) -> "Experience":
+        """The same rows without the columns that are padding in every row: the leading prompt columns and the
+        trailing answer columns (at least one answer column stays). A micro-batch drawn from a batch is as wide as
+        the batch's longest prompt plus its longest answer; trimmed, it is only as wide as its own. Padding is masked
+        out of every result, so only the work changes; (b, A) outputs are padded back with :func:`pad_answers`."""
+        lead = int((self.prompt_mask.sum(0) == 0).long().cumprod(0).sum())  # prompt columns empty in every row
+        A = max(1, int(self.mask.sum(-1).max())) if len(self) else 1
+        if lead == 0 and A == self.response_ids.shape[1]:
+            return self
+        cut = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is not None and t.dim() == 2:  # (B,) fields stay
+                cut[f.name] = t[:, lead:] if f.name in _PROMPT_FIELDS else t[:, :A]
+        return replace(self, **cut)
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, T)
         attn = torch.cat([self.prompt_mask, self.mask], dim=1).long()  # (B, T)
@@ -64,6 +80,14 @@ class Experience:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_PROMPT_FIELDS = ("prompt_ids", "prompt_mask")  # (B, P); every other 2-D field is (B, A)
+
+
+def pad_answers(t: torch.Tensor, A: int) -> torch.Tensor:
+    """(b, A') -> (b, A): zeros after column A' (the inverse of :meth:`Experience.trimmed` on an answer tensor)."""
+    return t if t.shape[1] == A else torch.nn.functional.pad(t, (0, A - t.shape[1]))
 
 
 def cut_after_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:

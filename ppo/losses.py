@@ -57,14 +57,49 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T)[token] per position: (B, A, V), (B, A) -> (B, A).
 
-    ``logsumexp`` over the vocabulary instead of a full log_softmax tensor:
-    logit[token] - logsumexp(logits) needs one (B, A) gather and no (B, A, V) copy.
+    The same one-kernel ``log_softmax`` and gather as :func:`logprobs_and_entropy`, so a no-grad pass (π_θold,
+    π_ref) and the training forward give bit-identical log-probs for the same logits (a ratio of exactly 1 before
+    the first update); on the CPU it is no slower than ``logsumexp``.
     """
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, A)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """One log_softmax over the vocabulary for both the sampled-token log-probs (differentiable) and the entropy
+    (a metric, not differentiable). The backward reuses the softmax kept from the forward:
+    ∂ lp_t / ∂ logits_t = onehot(a_t) - softmax(logits_t), one (B, A, V) pass instead of the gather/scatter,
+    the logsumexp backward and their sum that autograd would run."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens):
+        logp = torch.log_softmax(logits, dim=-1)  # (B, A, V)
+        picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, A)
+        lse = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - picked  # logsumexp, read off the sampled token
+        probs = logp.exp_()  # in place: the entropy needs only p and the logits from here on
+        entropy = lse - (probs * logits).sum(-1)  # H = -Σ p·(z - lse) = lse - Σ p·z
+        ctx.save_for_backward(probs, tokens)
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_entropy):
+        probs, tokens = ctx.saved_tensors
+        grad = probs.mul(-grad_picked.unsqueeze(-1))  # (B, A, V): -g·p
+        grad.scatter_add_(-1, tokens.unsqueeze(-1), grad_picked.unsqueeze(-1))  # + g at the sampled token
+        return grad, None
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`logprobs_from_logits`, :func:`entropy_from_logits` detached) from one softmax: (B, A, V), (B, A) ->
+    (B, A), (B, A). The training forward needs both; computing them apart costs three more passes over the logits."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return _LogprobsAndEntropy.apply(logits, tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ class PolicyWorker:
     def logprobs(self, exp: Experience, reference: bool):
         return self.t.logprobs(exp, reference)
 
-    def train_mini_batch(self, exp: Experience, global_tokens: float, kl_coef: float) -> dict:
-        return self.t.train_mini_batch(exp, global_tokens, kl_coef)
+    def train_mini_batch(self, exp: Experience, global_tokens: float, kl_coef: float, first: bool = False) -> dict:
+        return self.t.train_mini_batch(exp, global_tokens, kl_coef, first)
 
     def save_adapter(self, out: str):
         return self.t.save_adapter(out)
@@ -224,8 +224,8 @@ class RayRoles:
                 out[k] = parts[0][k]
         return out
 
-    def train_actor(self, exp, global_tokens, kl_coef):
-        return self._merge(self.actor.map("train_mini_batch", exp, global_tokens, kl_coef))
+    def train_actor(self, exp, global_tokens, kl_coef, first=False):
+        return self._merge(self.actor.map("train_mini_batch", exp, global_tokens, kl_coef, first))
 
     def train_critic_async(self, exp, global_tokens):
         """The critic group works while the driver goes on to the actor's mini-batches."""

@@ -183,8 +183,8 @@ class LocalRoles:
     def logprobs(self, exp, reference=False):
         return self.actor.logprobs(exp, reference)
 
-    def train_actor(self, exp, global_tokens, kl_coef):
-        return self.actor.train_mini_batch(exp, global_tokens, kl_coef)
+    def train_actor(self, exp, global_tokens, kl_coef, first=False):
+        return self.actor.train_mini_batch(exp, global_tokens, kl_coef, first)
 
     def sync(self) -> None:
         if self.cfg.syncs_adapter:
@@ -327,28 +327,31 @@ class PPOLoop:
 
         # 4. old / reference log-probs and values. The mini-batch order is drawn first: with algo.reuse_logprobs the
         # first mini-batch of epoch 0 gets π_θold from its own training forward (no update has happened yet), so
-        # the no-grad pass covers only the other rows (none when ppo_epochs = num_mini_batches = 1).
+        # the no-grad pass covers only the other rows (none when ppo_epochs = num_mini_batches = 1). With
+        # algo.old_logprobs=rollout π_θold is the engine's log-probs and there is no pass at all.
         g = torch.Generator().manual_seed(cfg.train.seed * 7_919 + step)
         orders = [torch.randperm(len(exp), generator=g) for _ in range(a.ppo_epochs)]
         train_actor = step >= cfg.critic.warmup_steps or not cfg.uses_critic
+        from_engine = a.old_logprobs == "rollout"
         # Not when the KL is part of the reward: the advantages need π_θold's log-probs of every row before training.
         kl_in_adv = a.kl.in_reward and cfg.uses_reference and self.kl_ctl.value > 0
-        reuse = a.reuse_logprobs and train_actor and not kl_in_adv
-        first = orders[0].view(a.num_mini_batches, -1)[0] if reuse else orders[0][:0]
-        rest = torch.ones(len(exp), dtype=torch.bool)
-        rest[first] = False
+        reuse = a.reuse_logprobs and train_actor and not kl_in_adv and not from_engine
+        reused = torch.zeros(len(exp), dtype=torch.bool)  # rows whose π_θold comes from their training forward
+        if reuse:
+            reused[orders[0].view(a.num_mini_batches, -1)[0]] = True
+        passed = ~reused if not from_engine else torch.zeros(len(exp), dtype=torch.bool)  # rows of the no-grad pass
         t0 = time.perf_counter()
         values = self.roles.values_async(exp) if cfg.uses_critic else None  # the critic works beside the actor
-        exp.old_logprobs = torch.zeros_like(exp.rollout_logprobs)
-        if rest.any():
-            exp.old_logprobs[rest] = self.roles.logprobs(exp.select(rest))
+        exp.old_logprobs = exp.rollout_logprobs.clone() if from_engine else torch.zeros_like(exp.rollout_logprobs)
+        if passed.any():
+            exp.old_logprobs[passed] = self.roles.logprobs(exp.select(passed))
         exp.ref_logprobs = self.roles.logprobs(exp, reference=True) if cfg.uses_reference else None
         exp.values = values.result() if values is not None else None
 
         # 5. KL, shaped rewards, advantages over the whole batch
         kl_coef = self.kl_ctl.value
         exp.advantages, exp.returns, kl = compute_advantages(cfg, exp, kl_coef)
-        kl = kl * rest.unsqueeze(-1)  # reused rows: measured in their training forward (β = 0 in their advantages)
+        kl = kl * (~reused).unsqueeze(-1)  # reused rows: measured in their training forward (β = 0 in their advantages)
         t_prep = time.perf_counter() - t0
         mask = exp.mask
         n_tok = float(mask.sum())
@@ -359,18 +362,18 @@ class PPOLoop:
         actor_sums = []
         critic_futures = [self.roles.train_critic_async(exp.select(mb_idx), float(mask[mb_idx].sum()))
                           for order in orders for mb_idx in order.view(a.num_mini_batches, -1)] if cfg.uses_critic else []
-        reused = None  # the engine-vs-trainer log-prob gap of the reused rows, measured in their training forward
+        measured = None  # the first mini-batch's sums: the engine-vs-trainer gap where no pass measured it
         for epoch, order in enumerate(orders):
             for j, mb_idx in enumerate(order.view(a.num_mini_batches, -1)):
                 mb = exp.select(mb_idx)
                 tokens = float(mb.mask.sum())
                 if train_actor:
-                    fresh = reuse and epoch == 0 and j == 0
-                    if fresh:
+                    start = epoch == 0 and j == 0 and (reuse or from_engine)
+                    if start and reuse:
                         mb.old_logprobs = None  # π_θold = this forward (PolicyTrainer.train_mini_batch)
-                    actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef))
-                    if fresh:
-                        reused = actor_sums[-1]
+                    actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef, start and from_engine))
+                    if start:
+                        measured = actor_sums[-1]
         critic_sums = [f.result() for f in critic_futures]
         t_train = time.perf_counter() - t0
 
@@ -380,26 +383,30 @@ class PPOLoop:
             self.roles.sync()
         t_sync = time.perf_counter() - t0
 
-        seq_kl = (float(kl.sum()) + (reused["ppo/kl_old_sum"] if reused else 0.0)) / len(exp)
+        seq_kl = (float(kl.sum()) + (measured.get("ppo/kl_old_sum", 0.0) if measured else 0.0)) / len(exp)
         self.kl_ctl.update(seq_kl, len(exp))
 
         # 8. metrics
-        lp_diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * mask * rest.unsqueeze(-1)
+        lp_diff = (exp.rollout_logprobs - exp.old_logprobs).abs() * mask * passed.unsqueeze(-1)
         lp_diff_sum, lp_diff_max = float(lp_diff.sum()), float(lp_diff.max())
-        if reused:
-            lp_diff_sum += reused["rollout/logprob_diff_sum"]
-            lp_diff_max = max(lp_diff_max, reused["rollout/logprob_diff_max"])
+        lp_diff_tokens = float((mask * passed.unsqueeze(-1)).sum())
+        if measured:
+            lp_diff_sum += measured["rollout/logprob_diff_sum"]
+            lp_diff_max = max(lp_diff_max, measured["rollout/logprob_diff_max"])
+            lp_diff_tokens += measured["rollout/logprob_diff_tokens"]
         rec.update({
             M.REWARD_MEAN: float(raw.mean()), M.REWARD_STD: float(raw.std()) if len(raw) > 1 else 0.0,
             M.REWARD_SHAPED_MEAN: float(exp.scores.mean()),
             M.PPO_KL: seq_kl, M.PPO_KL_COEF: kl_coef,
-            M.ROLLOUT_LOGPROB_DIFF: lp_diff_sum / max(n_tok, 1), M.ROLLOUT_LOGPROB_DIFF_MAX: lp_diff_max,
             M.ROLLOUT_ANSWER_LENGTH: float(mask.sum(-1).mean()), M.ROLLOUT_NO_EOS_FRAC: float((~exp.has_eos).float().mean()),
             M.PPO_ADVANTAGE_MEAN: float(L.masked_mean(exp.advantages, mask)),
             M.ROLLOUT_TOKENS_PER_S: n_tok / max(t_gen, 1e-9),
             M.TIME_ROLLOUT: t_gen, M.TIME_SCORE: t_score, M.TIME_PREPARE: t_prep, M.TIME_TRAIN: t_train,
             M.TIME_SYNC: t_sync,
         })
+        if lp_diff_tokens:  # not in a critic warm-up step with algo.old_logprobs=rollout: no trainer forward ran
+            rec[M.ROLLOUT_LOGPROB_DIFF] = lp_diff_sum / lp_diff_tokens
+            rec[M.ROLLOUT_LOGPROB_DIFF_MAX] = lp_diff_max
         T = exp.prompt_ids.shape[1] + exp.response_ids.shape[1]
         passes = (len(actor_sums) > 0) + (len(critic_sums) > 0)
         rec[M.TRAIN_TOKENS_PER_S] = passes * a.ppo_epochs * len(exp) * T / max(t_train, 1e-9)

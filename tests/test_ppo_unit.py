@@ -577,6 +577,33 @@ def test_critic_starts_from_the_reward_model_or_the_policy_backbone(tiny_model, 
     assert not torch.allclose(from_policy.score.weight, rm.score.weight)
 
 
+def test_micro_batches_are_only_as_wide_as_their_own_rows(tiny_model):
+    """Each micro-batch drops the columns that are padding in all its rows; log-probs and values are those of the
+    full-width batch (padded back to its width), so only the work changes."""
+    from ppo.actor import micro_batches
+
+    exp = build_experience([[7] * 2, [8] * 3, [9] * 9, [10] * 8], [[11] * 2, [12], [13] * 7, [14] * 6],
+                           [[0.0] * n for n in (2, 1, 7, 6)], set(), 0)
+    exp.values = torch.ones_like(exp.mask)
+    assert exp.prompt_ids.shape == (4, 9) and exp.response_ids.shape == (4, 7)
+    small, large = micro_batches(exp, 2)
+    assert small.prompt_ids.shape == (2, 3) and small.response_ids.shape == (2, 2) and small.values.shape == (2, 2)
+    assert large.prompt_ids.shape == (2, 9) and large.response_ids.shape == (2, 7)
+    assert small.prompt_mask.sum() == 5 and small.mask.sum() == 3  # every real token kept
+    assert torch.equal(small.prompt_ids[1], torch.tensor([8, 8, 8])) and small.prompt_ids[0, 0] == 0
+    pt = _policy(tiny_model, "peft.method=full", "train.micro_batch_size=2")
+    lp = pt.logprobs(exp)
+    with torch.no_grad():
+        logits = pt.model(**exp.model_inputs()).logits[:, exp.answer_slice]
+    full = L.logprobs_from_logits(logits, exp.response_ids) * exp.mask
+    assert lp.shape == full.shape
+    torch.testing.assert_close(lp, full, rtol=1e-5, atol=1e-5)
+    critic = _critic(tiny_model)
+    with torch.no_grad():
+        want = critic.model(**exp.model_inputs())[:, exp.answer_slice] * exp.mask
+    torch.testing.assert_close(critic.values(exp), want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------ the loop itself
 RULE_E = "reward.rules=[{fn: 'ppo.rewards:char_fraction', kwargs: {chars: 'e'}}]"
 
@@ -617,6 +644,16 @@ def test_critic_warmup_trains_only_the_critic(tiny_model, tmp_path, monkeypatch)
     assert rec["rollout/logprob_diff"] < 1e-4  # the transformers engine samples from the trainer's policy
 
 
+def _counting_passes(tiny_model, tmp_path, steps, *overrides):
+    """``steps`` iterations of a loop; returns (records, actor weights, [(rows, reference?) per no-grad pass])."""
+    loop, roles = _loop(tiny_model, tmp_path, RULE_E, "algo.kl.coef=0.1", "optim.max_grad_norm=0", *overrides)
+    calls = []
+    real = roles.logprobs
+    roles.logprobs = lambda exp, reference=False: calls.append((len(exp), reference)) or real(exp, reference)
+    recs = [loop.iteration(s) for s in range(steps)]
+    return recs, roles.actor.parameters_digest(), calls
+
+
 @pytest.mark.parametrize("algo", [
     ["algo.advantage=grpo", "rollout.n_samples=2", "algo.kl.in_reward=false", "algo.num_mini_batches=2"],
     ["algo.advantage=grpo", "rollout.n_samples=2", "algo.kl.in_reward=false", "algo.kl.adaptive=true"],
@@ -624,16 +661,8 @@ def test_critic_warmup_trains_only_the_critic(tiny_model, tmp_path, monkeypatch)
 def test_reusing_logprobs_changes_nothing_but_the_work(tiny_model, tmp_path, monkeypatch, algo):
     """algo.reuse_logprobs on and off: the same metrics (KL, log-prob gap, losses) and the same weights."""
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
-    runs = []
-    for reuse in (False, True):
-        loop, roles = _loop(tiny_model, tmp_path / str(reuse), RULE_E, "algo.kl.coef=0.1", "optim.max_grad_norm=0",
-                            f"algo.reuse_logprobs={reuse}", *algo)
-        calls = []
-        real = roles.logprobs
-        roles.logprobs = lambda exp, reference=False: calls.append((len(exp), reference)) or real(exp, reference)
-        recs = [loop.iteration(s) for s in range(2)]
-        runs.append((recs, roles.actor.parameters_digest(), calls))
-    (r0, w0, c0), (r1, w1, c1) = runs
+    (r0, w0, c0), (r1, w1, c1) = [_counting_passes(tiny_model, tmp_path / str(reuse), 2,
+                                                   f"algo.reuse_logprobs={reuse}", *algo) for reuse in (False, True)]
     for a, b in zip(r0, r1):
         for k in ("reward/mean", "ppo/kl", "ppo/kl_coef", "rollout/logprob_diff", "loss/policy", "ppo/entropy",
                   "ppo/advantage_mean"):
@@ -646,6 +675,31 @@ def test_reusing_logprobs_changes_nothing_but_the_work(tiny_model, tmp_path, mon
         assert old1 == old0  # the advantages need every row's π_θold before training: nothing is reused
     else:
         assert old1 < old0  # the first mini-batch's no-grad pass is gone
+
+
+def test_engine_logprobs_as_the_old_policy_skip_the_pass_and_measure_the_gap(tiny_model, tmp_path, monkeypatch):
+    """algo.old_logprobs=rollout: π_θold is the engine's log-probs. The transformers engine samples from the
+    trainer's own policy, so the run equals the default one (a no-grad trainer pass), with no actor pass but the
+    reference's; the engine-vs-trainer gap is measured in the first mini-batch's training forward."""
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    (r0, w0, c0), (r1, w1, c1) = [
+        _counting_passes(tiny_model, tmp_path / mode, 3, "algo.num_mini_batches=2", "algo.ppo_epochs=2",
+                         "train.micro_batch_size=2", "critic.warmup_steps=1", f"algo.old_logprobs={mode}")
+        for mode in ("trainer", "rollout")]
+    assert [ref for _, ref in c1] == [True] * 3  # only the reference pass is left
+    assert sum(n for n, ref in c0 if not ref) == 3 * 4
+    assert "rollout/logprob_diff" not in r1[0]  # critic warm-up: no trainer forward measured the gap
+    for a, b in zip(r0, r1):
+        for k in ("reward/mean", "ppo/kl", "loss/value", "ppo/advantage_mean") + (
+                ("loss/policy", "ppo/entropy", "ppo/clipfrac") if "loss/policy" in a else ()):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-5), k
+    for a, b in zip(r0[1:], r1[1:]):
+        assert 0 <= b["rollout/logprob_diff"] < 1e-4 and b["rollout/logprob_diff_max"] < 1e-3
+    for k in w0:
+        assert float((w1[k] - w0[k]).norm() / w0[k].norm()) < 1e-4, k
+    with pytest.raises(ConfigError, match="is_correction"):
+        load_config(PPOConfig, None, ["model.path=m", "data.prompts=p.jsonl", RULE, "algo.old_logprobs=rollout",
+                                      "algo.is_correction=true"])
 
 
 def test_overlapping_the_critic_changes_nothing_but_the_time(tiny_model, tmp_path, monkeypatch):
