@@ -74,6 +74,25 @@ def contiguous_input(head: nn.Module) -> None:
         head._alignloop_contiguous = True
 
 
+def compile_layers(model: nn.Module) -> None:
+    """``train.compile``: ``torch.compile`` each decoder layer, with dynamic shapes (every micro-batch has its own
+    width). All layers run the same code with their weights as inputs, so they share one compiled graph per mode
+    (training, no-grad, LoRA adapter off; actor and critic), and a model compiles in the time of one layer. The
+    matrix products stay the library's; what compiling gains is the fused element-wise work between them."""
+    import torch._dynamo.config as dynamo_config
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), inner)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"train.compile: {type(inner).__name__} has no list of decoder layers at "
+                         f"{getattr(inner, 'base_model_prefix', '?')}.layers; set train.compile=false")
+    # one graph per mode and a few shape specialisations: more than torch's default of 8 entries per code object
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def _strategy(cfg: PPOConfig, optim, workers: int):
     return make_strategy(cfg.resolved_strategy(), optim=optim, ds=cfg.deepspeed, total_steps=cfg.optimizer_steps,
                          micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.grad_accum(workers),
@@ -106,6 +125,8 @@ class PolicyTrainer:
                 if cfg.train.autocast:
                     float32_head(m.get_output_embeddings())
                 contiguous_input(m.get_output_embeddings())
+                if cfg.train.compile:
+                    compile_layers(m)
 
     @property
     def rank(self) -> int:
@@ -289,6 +310,8 @@ class CriticTrainer:
         if cfg.train.autocast:
             inner = model.seq.get_base_model() if hasattr(model.seq, "get_base_model") else model.seq
             float32_head(inner.score)
+        if cfg.train.compile:
+            compile_layers(model.seq)
         self.model = self.strategy.prepare(model)
         self.model.train()
 

@@ -151,6 +151,11 @@ class PPOTrainConfig(Section):
                                                  "under torch.autocast; weights, optimizer states and the LM/value heads "
                                                  "stay float32 (log-probs need the precision). On a CPU with AMX or "
                                                  "AVX512-BF16, and on GPUs, the matrix products run several times faster")
+    compile: bool = Field(False, description="in process: torch.compile each decoder layer of the actor, the reference "
+                          "and the critic (dynamic shapes; the layers share one compiled graph per mode: training, "
+                          "no-grad, adapter off). Fuses the element-wise work around the matrix products: on a CPU "
+                          "about 15% less time per forward and backward, for 1-3 minutes of compiling at the first "
+                          "iterations")
     overlap_critic: bool = Field(False, description="in process: the critic's value pass and updates run in a second "
                                  "thread beside the actor's (each with train.threads torch threads; set threads to at "
                                  "most half the cores). The same results, in about the time of the actor's work "
@@ -193,6 +198,9 @@ class PPOConfig(Section):
         if self.algo.old_logprobs == "rollout" and self.algo.is_correction:
             raise ValueError("algo.is_correction weighs π_θold/π_engine, which algo.old_logprobs=rollout makes 1: "
                              "set one of them only")
+        if self.train.compile and self.resolved_strategy() != "single":
+            raise ValueError("train.compile runs in process (train.strategy=single, ray.use_ray=false): DeepSpeed "
+                             "ZeRO-3 gathers each layer's weights in hooks that a compiled layer would skip")
         if self.train.strategy == "deepspeed" and not self.ray.use_ray:
             raise ValueError("train.strategy=deepspeed runs on Ray workers: set ray.use_ray=true")
         return self

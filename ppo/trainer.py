@@ -152,6 +152,7 @@ class LocalRoles:
         self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
         self.sync_dir = run / "sync"
         self._critic_thread = None
+        self._critic_queue: list = []  # the critic calls handed over and not yet seen done
         self._threads = torch.get_num_threads()
         self._half = max(1, self._threads // 2)  # each role's share while they work side by side
         if self.critic is not None and cfg.train.overlap_critic:
@@ -163,7 +164,18 @@ class LocalRoles:
                                                      initializer=lambda: torch._C.set_num_threads(self._half))
 
     def _critic_call(self, fn, *args):
-        return self._critic_thread.submit(fn, *args) if self._critic_thread else Done(fn(*args))
+        if self._critic_thread is None:
+            return Done(fn(*args))
+        future = self._critic_thread.submit(fn, *args)
+        self._critic_queue.append(future)
+        return future
+
+    def _actor_share(self) -> None:
+        """The actor's torch threads for its next call: half while the critic thread has work, all of them once
+        the critic is idle (it finishes its mini-batches first: it has no LM head)."""
+        if self._critic_thread is not None:
+            self._critic_queue = [f for f in self._critic_queue if not f.done()]
+            torch._C.set_num_threads(self._half if self._critic_queue else self._threads)
 
     def values_async(self, exp):
         return self._critic_call(self.critic.values, exp)
@@ -181,9 +193,11 @@ class LocalRoles:
             torch._C.set_num_threads(self._half)  # the actor's share; the critic thread has the rest
 
     def logprobs(self, exp, reference=False):
+        self._actor_share()
         return self.actor.logprobs(exp, reference)
 
     def train_actor(self, exp, global_tokens, kl_coef, first=False):
+        self._actor_share()
         return self.actor.train_mini_batch(exp, global_tokens, kl_coef, first)
 
     def sync(self) -> None:

@@ -560,6 +560,40 @@ def test_value_clipping_option(tiny_model):
     assert out[0]["loss/value"] != pytest.approx(out[1]["loss/value"])
 
 
+def test_compiled_layers_give_the_eager_results(tiny_model):
+    """train.compile: the policy's, the reference's (LoRA adapter off) and the critic's log-probs, values and
+    updates equal the eager ones up to float rounding, on micro-batches of two different widths; the layers were
+    really compiled, and the checkpoint keys are unchanged."""
+    from ppo.actor import CriticTrainer
+
+    exp = _random_experience(B=6)  # micro-batches of 4 rows (5 + 5 columns) and 2 rows (3 + 5)
+    exp.ref_logprobs = torch.zeros_like(exp.mask)
+    exp.old_logprobs = -torch.ones_like(exp.mask)
+    exp.values, exp.returns = torch.zeros_like(exp.mask), torch.randn(exp.mask.shape) * exp.mask
+    runs = []
+    for compiled in (False, True):
+        over = ("train.micro_batch_size=4", "rollout.prompts_per_step=8", f"train.compile={compiled}")
+        pt = _policy(tiny_model, *over)
+        critic = CriticTrainer(cfg_of(f"model.path={tiny_model}", *over), str(tiny_model))
+        layer = pt.strategy.unwrap().get_base_model().model.layers[0]
+        assert (getattr(layer, "_compiled_call_impl", None) is not None) == compiled
+        out = {"ref": pt.logprobs(exp, reference=True), "values": critic.values(exp)}
+        out["policy"] = pt.train_mini_batch(exp, float(exp.mask.sum()), 0.0)
+        out["critic"] = critic.train_mini_batch(exp, float(exp.mask.sum()))
+        out["after"] = pt.logprobs(exp)
+        out["critic_after"] = critic.values(exp)
+        runs.append((out, sorted(pt.strategy.unwrap().state_dict())))
+    (eager, keys0), (comp, keys1) = runs
+    assert keys0 == keys1
+    for k in ("ref", "values", "after", "critic_after"):
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in ("loss/policy", "ppo/entropy", "optim/grad_norm"):
+        assert comp["policy"][k] == pytest.approx(eager["policy"][k], rel=1e-4, abs=1e-6), k
+    assert comp["critic"]["loss/value"] == pytest.approx(eager["critic"]["loss/value"], rel=1e-4)
+    with pytest.raises(ConfigError, match="train.compile runs in process"):
+        cfg_of("train.compile=true", "ray.use_ray=true")
+
+
 def test_critic_starts_from_the_reward_model_or_the_policy_backbone(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -726,6 +760,32 @@ def test_overlapping_the_critic_changes_nothing_but_the_time(tiny_model, tmp_pat
             {k: v for k, v in y.items() if not k.startswith(("time/", "perf/"))}
     assert all(torch.equal(a0[k], a1[k]) for k in a0) and all(torch.equal(c0[k], c1[k]) for k in c0)
     assert "loss/value" in r1[0] and "loss/policy" not in r1[0] and "loss/policy" in r1[2]
+
+
+def test_the_actor_takes_every_thread_once_the_critic_is_idle(tiny_model, tmp_path, monkeypatch):
+    """train.overlap_critic: the actor computes on half the threads while the critic thread has work queued, and on
+    all of them once it is idle."""
+    import threading
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    _, roles = _loop(tiny_model, tmp_path, RULE_E, "train.overlap_critic=true")
+    before = torch.get_num_threads()
+    roles._threads, roles._half = 2, 1  # a two-core share (the loop's process runs on one thread in tests)
+    seen = []
+    roles.actor.train_mini_batch = lambda *a: seen.append(torch.get_num_threads()) or {}
+    roles.actor.logprobs = lambda *a: seen.append(torch.get_num_threads())
+    try:
+        gate = threading.Event()
+        busy = roles._critic_call(gate.wait)
+        roles.train_actor(None, 1.0, 0.0)
+        roles.logprobs(None)
+        gate.set()
+        busy.result()
+        roles.train_actor(None, 1.0, 0.0)
+        assert seen == [1, 1, 2]
+    finally:
+        roles.close()
+        torch.set_num_threads(before)
 
 
 def test_http_scorer_speaks_reward_serve_protocol():
