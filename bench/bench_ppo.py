@@ -118,7 +118,7 @@ def run_ours(system: str, a) -> dict:
         wall = time.perf_counter() - t0
         tokens = rec["rollout/answer_length"] * cfg.rollout_batch
         iters.append({"wall_s": wall, "gen_s": rec["time/rollout_s"], "train_s": rec["time/train_s"],
-                      "tokens": tokens, "reward": rec["reward/mean"], "logprob_diff": rec.get("rollout/logprob_diff")})
+                      "prepare_s": rec["time/prepare_s"], "sync_s": rec["time/sync_s"], "tokens": tokens, "reward": rec["reward/mean"], "logprob_diff": rec.get("rollout/logprob_diff")})
     roles.close()
     return {"system": system, "iterations": iters}
 
@@ -309,10 +309,12 @@ def summarise(res: dict, warmup: int) -> dict:
     if "gen_s" in it[0]:
         out["rollout_tokens_per_s"] = round(tokens / statistics.mean(x["gen_s"] for x in it), 1)
         out["gen_s"] = round(statistics.mean(x["gen_s"] for x in it), 2)
-    if "train_s" in it[0]:
-        out["train_s"] = round(statistics.mean(x["train_s"] for x in it), 2)
-    if "logprob_diff" in it[0]:
-        out["logprob_diff"] = max(x["logprob_diff"] for x in it)
+    for phase in ("prepare_s", "train_s", "sync_s"):  # alignloop's phases (forward passes + advantages, update, sync)
+        if phase in it[0]:
+            out[phase] = round(statistics.mean(x[phase] for x in it), 2)
+    diffs = [x["logprob_diff"] for x in it if x.get("logprob_diff") is not None]
+    if diffs:
+        out["logprob_diff"] = max(diffs)
     out["wall_s_all"] = [round(x["wall_s"], 2) for x in res["iterations"]]
     out["reward_mean"] = [round(x["reward"], 3) for x in res["iterations"] if "reward" in x]
     if "env" in res:
