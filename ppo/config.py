@@ -154,8 +154,8 @@ class PPOTrainConfig(Section):
     compile: bool = Field(False, description="in process: torch.compile each decoder layer of the actor, the reference "
                           "and the critic (dynamic shapes; the layers share one compiled graph per mode: training, "
                           "no-grad, adapter off). Fuses the element-wise work around the matrix products: on a CPU "
-                          "about 15% less time per forward and backward, for 1-3 minutes of compiling at the first "
-                          "iterations")
+                          "about 10% less time per update (SmolLM2), for ~60 s of compiling in the first iteration "
+                          "(cold cache)")
     overlap_critic: bool = Field(False, description="in process: the critic's value pass and updates run in a second "
                                  "thread beside the actor's (each with train.threads torch threads; set threads to at "
                                  "most half the cores). The same results, in about the time of the actor's work "
