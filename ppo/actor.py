@@ -122,7 +122,7 @@ class PolicyTrainer:
         self.model.train()
         for m in (self.strategy.unwrap(), self.ref):
             if m is not None:
-                if cfg.train.autocast:
+                if cfg.train.autocast and cfg.train.float32_lm_head:
                     float32_head(m.get_output_embeddings())
                 contiguous_input(m.get_output_embeddings())
                 if cfg.train.compile:

@@ -392,22 +392,24 @@ def _policy(tiny_model, *overrides):
 
 def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model):
     """train.autocast=bfloat16: the blocks compute in bf16, the LM head and the value head in float32; log-probs and
-    values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32."""
+    values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32.
+    train.float32_lm_head=false: the LM head computes in bf16 too (the value head stays float32); the log-probs are
+    still float32 (log-softmax) and further from float32's, and the update still moves the same way."""
     from ppo.actor import CriticTrainer
 
     exp = _grouped_experience()
-    seen = {}
     runs = []
-    for ac in (None, "bfloat16"):
-        over = ["peft.method=lora", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "optim.max_grad_norm=0"]
+    for ac, head32 in ((None, True), ("bfloat16", True), ("bfloat16", False)):
+        seen = {}
+        over = ["peft.method=lora", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "optim.max_grad_norm=0",
+                f"train.float32_lm_head={str(head32).lower()}"]
         if ac:
             over.append(f"train.autocast={ac}")
         pt = _policy(tiny_model, *over)
         model = pt.strategy.unwrap()
-        if ac:
-            model.get_base_model().model.layers[0].mlp.down_proj.register_forward_hook(
-                lambda m, i, o: seen.__setitem__("block", o.dtype))
-            model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.__setitem__("head", o.dtype))
+        model.get_base_model().model.layers[0].mlp.down_proj.register_forward_hook(
+            lambda m, i, o: seen.__setitem__("block", o.dtype))
+        model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.__setitem__("head", o.dtype))
         lp = pt.logprobs(exp)
         mb = exp.select(slice(None))
         mb.old_logprobs, mb.ref_logprobs = lp - 0.05 * exp.mask, None
@@ -415,15 +417,25 @@ def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model)
         pt.train_mini_batch(mb, float(exp.mask.sum()), 0.0)
         step = {k: v - base[k] for k, v in pt.parameters_digest().items()}
         cr = CriticTrainer(cfg_of(f"model.path={tiny_model}", *over), str(tiny_model))
-        runs.append((lp, step, cr.values(exp), {p.dtype for p in model.parameters()}))
-    (lp0, step0, v0, _), (lp1, step1, v1, dtypes) = runs
-    assert seen == {"block": torch.bfloat16, "head": torch.float32}
-    assert dtypes == {torch.float32}
+        inner = cr.model.seq.get_base_model()
+        inner.score.register_forward_hook(lambda m, i, o: seen.__setitem__("value_head", o.dtype))
+        values = cr.values(exp)
+        runs.append((lp, step, values, {p.dtype for p in model.parameters()}, seen))
+    (lp0, step0, v0, _, seen0), (lp1, step1, v1, dtypes, seen1), (lp2, step2, v2, dtypes2, seen2) = runs
+    assert seen0 == {"block": torch.float32, "head": torch.float32, "value_head": torch.float32}
+    assert seen1 == {"block": torch.bfloat16, "head": torch.float32, "value_head": torch.float32}
+    assert seen2 == {"block": torch.bfloat16, "head": torch.bfloat16, "value_head": torch.float32}
+    assert dtypes == dtypes2 == {torch.float32}
+    assert lp1.dtype == lp2.dtype == torch.float32
     diff = float((lp1 - lp0).abs().max())
-    assert 1e-5 < diff < 0.05, diff  # bf16 rounding of the blocks only (a bf16 head would err by ~0.1)
+    assert 1e-5 < diff < 0.05, diff  # bf16 rounding of the blocks only
+    diff2 = float(((lp2 - lp0).abs() * exp.mask).sum() / exp.mask.sum())
+    assert float(((lp1 - lp0).abs() * exp.mask).sum() / exp.mask.sum()) < diff2 < 0.2, diff2  # + the head's rounding
     assert 1e-6 < float((v1 - v0).abs().max()) < 0.05
-    a, b = torch.cat([step0[k].flatten() for k in step0]), torch.cat([step1[k].flatten() for k in step0])
-    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9  # the same update direction
+    assert torch.equal(v1, v2)  # the value head is float32 either way
+    for st in (step1, step2):
+        a, b = torch.cat([step0[k].flatten() for k in step0]), torch.cat([st[k].flatten() for k in step0])
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9  # the same update direction
 
 
 def test_token_level_loss_is_invariant_to_the_micro_batch_split(tiny_model):
