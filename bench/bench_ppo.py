@@ -28,6 +28,9 @@ thread each, ``train.overlap_critic``, after rollouts on both). Rows:
   slot as a module that decodes the answer (TRL only reads ``score(backbone(...).hidden_states[-1])`` at
   the last answer token). TRL's own generation (transformers ``generate``) is timed for rollout tokens/s.
 
+``--trl-dtype bfloat16`` loads TRL's models in bf16 (its fastest form on a CPU with bf16 instructions: the
+fourth pass compared alignloop's ``train.autocast=bfloat16`` with it), ``--trl-attn eager`` gives TRL eager attention.
+
 Each system runs in its own subprocess; the first ``--warmup`` iterations are dropped. Wall time per
 iteration is measured around the whole iteration (generate + score + forward passes + update + sync).
 Writes ``bench/results/ppo.json``.
@@ -83,6 +86,8 @@ def parse_args(argv=None):
     ap.add_argument("--trl-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="dtype TRL's models are loaded in (bfloat16: pure bf16 weights and compute, TRL's fastest on a CPU "
                          "with bf16 instructions; --bf16 then adds autocast on top)")
+    ap.add_argument("--trl-attn", choices=("sdpa", "eager"), default="sdpa",
+                    help="attn_implementation of TRL's models (default sdpa, transformers' default)")
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: the converted HF directory, for trl-ppo
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one system, print its JSON
     return ap.parse_args(argv)
@@ -163,7 +168,7 @@ def run_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.trl_dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.trl_dtype), attn_implementation=a.trl_attn)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
                           callbacks=[Clock()])
@@ -256,9 +261,10 @@ def run_trl_ppo(a) -> dict:
 
     ppo_mod.batch_generation = timed_batch_generation  # train() looks the name up in its module at call time
 
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.trl_dtype))
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, a.trl_dtype), attn_implementation=a.trl_attn)
     policy.generation_config.pad_token_id = pad_id
-    value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, a.trl_dtype))
+    value = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, a.trl_dtype),
+                                                               attn_implementation=a.trl_attn)
     value.config.pad_token_id = pad_id
     if a.trl_critic == "lora":  # alignloop's critic: LoRA on the backbone, the value head trained fully
         inject_adapter_in_model(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), value.model)
@@ -350,6 +356,7 @@ def main(argv=None) -> int:
         cmd = [python, __file__, "--one", system, "--steps", str(a.steps), "--warmup", str(a.warmup),
                "--prompts", str(a.prompts), "--grpo-prompts", str(a.grpo_prompts), "--group", str(a.group),
                "--max-new-tokens", str(a.max_new_tokens), "--work-dir", a.work_dir, "--threads", str(a.threads), "--trl-dtype", a.trl_dtype,
+               "--trl-attn", a.trl_attn,
                *(["--overlap-critic"] if a.overlap_critic else []), *(["--bf16"] if a.bf16 else []), *[f"--set={x}" for x in a.set], *extra]
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TRL_EXPERIMENTAL_SILENCE="1")
         t0 = time.time()
