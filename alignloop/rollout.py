@@ -236,6 +236,8 @@ class VLLMEngine(RolloutEngine):
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         kwargs.update(llm_kwargs)
         self.llm = LLM(**kwargs)
+        # the dtype vLLM resolved for its weights (a float32 trainer may feed a bfloat16 engine)
+        self.weight_dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)
         self.enable_lora = enable_lora
         self.eos_ids = _stop_token_ids(self.tokenizer, _generation_config(self.model_path))
         self._lora = None
@@ -272,7 +274,15 @@ class VLLMEngine(RolloutEngine):
         # vLLM's CPU build repacks linear weights for its kernels after loading, so model.load_weights on the
         # live model fails; reload_weights re-runs the loader's per-layer processing (checkpoint names, fused
         # qkv/gate_up handled by the model's own load_weights) and resets the LoRA cache.
-        weights = [(k, v.detach().to("cpu")) for k, v in state_dict.items()]
+        # Cast once, here, to the engine's dtype: given float32 tensors, a bfloat16 engine casts each itself and logs
+        # a warning per weight (272 lines for SmolLM2 on every sync).
+        dt = self.weight_dtype
+
+        def engine_form(v):
+            v = v.detach()
+            return v.to("cpu", dtype=dt) if dt is not None and v.is_floating_point() else v.to("cpu")
+
+        weights = [(k, engine_form(v)) for k, v in state_dict.items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
 
     def load_lora(self, adapter_dir) -> None:

@@ -241,3 +241,25 @@ def test_vllm_context_limit_is_length_not_stop(vllm_engine):
     c = vllm_engine.generate([prompt], SamplingSettings(max_new_tokens=12, temperature=0.0))[0][0]
     assert len(c.token_ids) <= 6
     assert c.finish_reason == ("stop" if c.token_ids[-1] in vllm_engine.eos_ids else "length")
+
+
+def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
+    """A float32 trainer syncing a bfloat16 engine: the tensors are cast once, here, to the dtype vLLM resolved (given
+    float32, vLLM casts each itself and logs a warning per weight on every sync); integer tensors keep theirs."""
+    from alignloop.rollout import VLLMEngine
+
+    assert vllm_engine.weight_dtype == torch.float32  # what the real engine resolved for the float32 tiny model
+    handed = {}
+
+    class RecordingLLM:  # stands in for vLLM's LLM: records what reload_weights would receive
+        def collective_rpc(self, method, kwargs):
+            handed[method] = list(kwargs["weights_iterator"])
+
+    eng = object.__new__(VLLMEngine)
+    eng.llm, eng.weight_dtype = RecordingLLM(), torch.bfloat16
+    w = torch.randn(4, 4)
+    eng.update_weights({"a.weight": w, "b.index": torch.arange(3)})
+    (na, a), (nb, b) = handed["reload_weights"]
+    assert (na, nb) == ("a.weight", "b.index")
+    assert a.dtype == torch.bfloat16 and torch.equal(a, w.to(torch.bfloat16))
+    assert b.dtype == torch.int64 and torch.equal(b, torch.arange(3))
