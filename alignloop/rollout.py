@@ -195,6 +195,25 @@ class RolloutEngine(abc.ABC):
 
 
 # ---------------------------------------------------------------------- vLLM
+_NARROWING = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+
+
+def _drop_narrowing(record) -> bool:
+    """Keep every record but vLLM's per-weight notice that a wider checkpoint tensor goes into a narrower parameter
+    (float32 -> bfloat16). An engine gets a narrower dtype only when asked to (``rollout.dtype``), so the notice,
+    one line per weight at load and formerly on every sync, says nothing the user did not ask for."""
+    return not (record.msg == _NARROWING and len(record.args or ()) == 3
+                and getattr(record.args[1], "itemsize", 0) > getattr(record.args[2], "itemsize", 0))
+
+
+def _quiet_requested_narrowing() -> None:
+    import logging
+
+    log = logging.getLogger("vllm.model_executor.models.utils")
+    if _drop_narrowing not in log.filters:
+        log.addFilter(_drop_narrowing)
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM's offline ``LLM`` in this process (CPU build here; the official wheel on GPU machines)."""
 
@@ -207,6 +226,7 @@ class VLLMEngine(RolloutEngine):
         # a KV cache in GiB sized for these machines. A caller's own setting wins.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        _quiet_requested_narrowing()
         from vllm import LLM
 
         from alignloop.models import load_tokenizer

@@ -263,3 +263,23 @@ def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
     assert (na, nb) == ("a.weight", "b.index")
     assert a.dtype == torch.bfloat16 and torch.equal(a, w.to(torch.bfloat16))
     assert b.dtype == torch.int64 and torch.equal(b, torch.arange(3))
+
+
+def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
+    """rollout.dtype=bfloat16 over a float32 checkpoint: vLLM's per-weight "float32 into bfloat16" warning is dropped
+    by the filter the engine installs; a widening notice and any other record pass."""
+    import logging
+
+    from alignloop.rollout import _NARROWING, _drop_narrowing, _quiet_requested_narrowing
+
+    def rec(msg, *args):
+        return logging.LogRecord("vllm.model_executor.models.utils", logging.WARNING, __file__, 1, msg, args, None)
+
+    assert not _drop_narrowing(rec(_NARROWING, "layers.0.mlp.down_proj.weight", torch.float32, torch.bfloat16))
+    assert _drop_narrowing(rec(_NARROWING, "norm.weight", torch.bfloat16, torch.float32))
+    assert _drop_narrowing(rec("Attempted to load nested weight %s", "x"))
+    _quiet_requested_narrowing()
+    _quiet_requested_narrowing()
+    log = logging.getLogger("vllm.model_executor.models.utils")
+    assert log.filters.count(_drop_narrowing) == 1
+    assert not log.filter(rec(_NARROWING, "w", torch.float32, torch.bfloat16))
