@@ -295,7 +295,7 @@ class VLLMEngine(RolloutEngine):
         # live model fails; reload_weights re-runs the loader's per-layer processing (checkpoint names, fused
         # qkv/gate_up handled by the model's own load_weights) and resets the LoRA cache.
         # Cast once, here, to the engine's dtype: given float32 tensors, a bfloat16 engine casts each itself and logs
-        # a warning per weight (272 lines for SmolLM2 on every sync).
+        # a warning per weight on every sync.
         dt = self.weight_dtype
 
         def engine_form(v):
