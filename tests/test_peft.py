@@ -92,3 +92,32 @@ def test_qlora_4bit_base_with_lora(tiny_model, tiny_data):
     assert torch.allclose(base_now, base_ref, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, base_ref, atol=1e-5)
+
+
+def test_merged_lora_state_dict_equals_peft_merge_and_unload(tiny_model):
+    """What a merged sync sends the engine: W + (alpha/r)·B@A under the base model's names, out of place, equal to
+    peft's own merge_and_unload; the adapter model's weights are left as they were."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from alignloop.merge import merged_lora_state_dict
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B starts at zero: give the adapter something to merge
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = merged_lora_state_dict(model.state_dict(), 8 / 4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    reference = model.merge_and_unload().state_dict()
+    assert set(merged) == set(reference)
+    for k, v in reference.items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
+    adapted = [k for k in merged if f"base_model.model.{k[:-len('.weight')]}.base_layer.weight" in before]
+    assert len(adapted) >= 7  # every linear layer of the tiny model's blocks
+    for k in adapted:  # and merging moved each of them
+        assert not torch.equal(merged[k], before[f"base_model.model.{k[:-len('.weight')]}.base_layer.weight"]), k
