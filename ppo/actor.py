@@ -120,6 +120,7 @@ class PolicyTrainer:
         self.trainable, self.total = count_parameters(model)
         self.model = self.strategy.prepare(model)
         self.model.train()
+        self.on_phase = None  # called before each training forward and backward (LocalRoles: the thread share)
         for m in (self.strategy.unwrap(), self.ref):
             if m is not None:
                 if cfg.train.autocast and cfg.train.float32_lm_head:
@@ -185,6 +186,8 @@ class PolicyTrainer:
         if reuse:
             sums["ppo/kl_old_sum"] = 0.0
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
+            if self.on_phase is not None:
+                self.on_phase()
             logits = self._logits(self.model, mb)  # (b, A, V)
             lp, entropy = L.logprobs_and_entropy(logits, mb.response_ids)  # (b, A) each; the entropy is detached
             old = lp.detach() * mb.mask if reuse else mb.old_logprobs
@@ -207,6 +210,8 @@ class PolicyTrainer:
                 kl = L.masked_sum(L.kl_penalty(lp, mb.ref_logprobs, a.kl.estimator), mb.mask) / global_tokens
                 loss = loss + kl_coef * kl
                 sums["ppo/kl_loss"] += float(kl.detach()) * global_tokens
+            if self.on_phase is not None:
+                self.on_phase()
             self.strategy.backward(loss)
             sums["ppo/clipfrac"] += m["clipfrac"] * n
             sums["ppo/approx_kl"] += m["approx_kl"] * n
@@ -330,18 +335,37 @@ class CriticTrainer:
                 return self.model(**inputs)[0, index]  # (b, A)
             return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
 
-    @torch.no_grad()
-    def values(self, exp: Experience) -> torch.Tensor:
-        """(B, A) V_φ(s_t), 0 on padding; on the CPU."""
-        mbs = micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size)
-        A = exp.response_ids.shape[1]
-        return torch.cat([pad_answers(self._values(mb) * mb.mask, A) for mb in mbs]).cpu()
+    def values(self, exp: Experience, keep: bool = False) -> torch.Tensor:
+        """(B, A) V_φ(s_t), 0 on padding; on the CPU.
 
-    def train_mini_batch(self, exp: Experience, global_tokens: float) -> dict[str, float]:
+        ``keep`` (``algo.reuse_values``; ``exp`` is this rank's share of the first mini-batch, one micro-batch): the
+        forward runs with its graph, which the next ``train_mini_batch(..., reuse=True)`` trains on instead of
+        running the same forward again (no update happens in between, and dropout is off)."""
+        A = exp.response_ids.shape[1]
+        if keep:
+            mbs = list(micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size))
+            if len(mbs) != 1:
+                raise ValueError(f"values(keep=True) takes one micro-batch, got {len(exp)} rows "
+                                 f"(train.micro_batch_size {self.cfg.train.micro_batch_size})")
+            v = self._values(mbs[0])
+            self._kept = v
+            return pad_answers(v.detach() * mbs[0].mask, A).cpu()
+        with torch.no_grad():
+            mbs = micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size)
+            return torch.cat([pad_answers(self._values(mb) * mb.mask, A) for mb in mbs]).cpu()
+
+    def train_mini_batch(self, exp: Experience, global_tokens: float, reuse: bool = False) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch; ``reuse``: its forward is the one the last
+        ``values(keep=True)`` kept (the same rows)."""
         exp = exp.to(self.device)
         sums = {"loss/value": 0.0, "ppo/value_clipfrac": 0.0, "tokens": 0.0}
+        kept, self._kept = getattr(self, "_kept", None), None
+        if reuse and kept is None:
+            raise RuntimeError("train_mini_batch(reuse=True) without a kept value pass (values(keep=True))")
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
-            v = self._values(mb)
+            v = kept if reuse else self._values(mb)
+            if v.shape != mb.mask.shape:
+                raise RuntimeError(f"kept value pass {tuple(v.shape)} does not match the mini-batch {tuple(mb.mask.shape)}")
             loss, m = L.value_loss(v, mb.values, mb.returns, mb.mask, clip_eps=self.cfg.algo.value_clip,
                                    normalizer=global_tokens)
             self.strategy.backward(loss)

@@ -102,6 +102,11 @@ class AlgoConfig(Section):
     ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     num_mini_batches: int = Field(1, gt=0, description="optimizer steps per pass")
     reuse_logprobs: bool = Field(True, description="the first mini-batch of the first epoch takes π_θold from its own training forward (detached) instead of a separate pass: same loss and gradient, one forward pass fewer per sample when ppo_epochs = num_mini_batches = 1")
+    reuse_values: bool = Field(True, description="gae: the critic's first mini-batch of the first epoch trains on "
+                               "the forward of the value pass, kept with its graph, instead of running a second one: "
+                               "the same loss and gradient, one critic forward fewer per iteration (half of the "
+                               "critic's forwards when ppo_epochs = num_mini_batches = 1). Applies where a critic "
+                               "rank's share of a mini-batch is one micro-batch (only one micro-batch's graph is kept)")
     old_logprobs: Literal["trainer", "rollout"] = Field("trainer", description="π_θold of the ratio and the KL: trainer = a no-grad trainer pass over every answer after the rollout; rollout = the engine's sampled-token log-probs (the behaviour policy, as TRL's PPO uses its generation logits): one actor forward pass fewer per sample, the clip then also bounds any engine/trainer gap (rollout/logprob_diff, then measured on the first mini-batch)")
     is_correction: bool = Field(False, description="truncated importance sampling between rollout engine and trainer log-probs")
     is_cap: float = Field(2.0, gt=0, description="truncation cap of the IS weights")
@@ -215,6 +220,12 @@ class PPOConfig(Section):
     @property
     def uses_critic(self) -> bool:
         return self.algo.advantage == "gae"
+
+    @property
+    def reuses_values(self) -> bool:
+        """algo.reuse_values in effect: a critic, and each critic rank's share of a mini-batch is one micro-batch."""
+        workers = self.ray.critic_workers if self.ray.use_ray else 1
+        return self.uses_critic and self.algo.reuse_values and self.grad_accum(workers) == 1
 
     @property
     def packs_rows(self) -> bool:

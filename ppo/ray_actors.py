@@ -95,11 +95,11 @@ class CriticWorker:
     def ready(self) -> int:
         return self.t.rank
 
-    def values(self, exp: Experience):
-        return self.t.values(exp)
+    def values(self, exp: Experience, keep: bool = False):
+        return self.t.values(exp, keep)
 
-    def train_mini_batch(self, exp: Experience, global_tokens: float) -> dict:
-        return self.t.train_mini_batch(exp, global_tokens)
+    def train_mini_batch(self, exp: Experience, global_tokens: float, reuse: bool = False) -> dict:
+        return self.t.train_mini_batch(exp, global_tokens, reuse)
 
     def save_final(self, out: str, tokenizer_dir: str) -> None:
         self.t.save_final(Path(out), tokenizer_dir)
@@ -212,8 +212,8 @@ class RayRoles:
     def logprobs(self, exp, reference=False):
         return self._torch.cat(self.actor.map("logprobs", exp, reference))
 
-    def values_async(self, exp):
-        return _Pending(self.critic.submit("values", exp), self._torch.cat)
+    def values_async(self, exp, keep=False):
+        return _Pending(self.critic.submit("values", exp, keep), self._torch.cat)
 
     @staticmethod
     def _merge(parts: list[dict]) -> dict:
@@ -227,9 +227,9 @@ class RayRoles:
     def train_actor(self, exp, global_tokens, kl_coef, first=False):
         return self._merge(self.actor.map("train_mini_batch", exp, global_tokens, kl_coef, first))
 
-    def train_critic_async(self, exp, global_tokens):
+    def train_critic_async(self, exp, global_tokens, reuse=False):
         """The critic group works while the driver goes on to the actor's mini-batches."""
-        return _Pending(self.critic.submit("train_mini_batch", exp, global_tokens), self._merge)
+        return _Pending(self.critic.submit("train_mini_batch", exp, global_tokens, reuse), self._merge)
 
     def sync(self) -> None:
         if self.cfg.syncs_adapter:

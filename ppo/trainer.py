@@ -127,12 +127,19 @@ def make_kl_controller(cfg: PPOConfig):
 # -------------------------------------------------------------------- roles
 
 class Done:
-    """A result already computed, with the ``result()`` of a future (the roles' ``*_async`` calls return either)."""
+    """A result already computed, with the ``result()`` of a future (the roles' ``*_async`` calls return either);
+    ``Done.later(fn)``: computed by ``fn()`` on the first ``result()`` (combining other futures)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value=None, fn=None):
+        self.value, self._fn = value, fn
+
+    @classmethod
+    def later(cls, fn) -> "Done":
+        return cls(fn=fn)
 
     def result(self):
+        if self._fn is not None:
+            self.value, self._fn = self._fn(), None
         return self.value
 
 
@@ -162,6 +169,7 @@ class LocalRoles:
             # The OpenMP thread count is per calling thread: this one's for the critic thread, see generate().
             self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic",
                                                      initializer=lambda: torch._C.set_num_threads(self._half))
+            self.actor.on_phase = self._actor_share
 
     def _critic_call(self, fn, *args):
         if self._critic_thread is None:
@@ -171,17 +179,19 @@ class LocalRoles:
         return future
 
     def _actor_share(self) -> None:
-        """The actor's torch threads for its next call: half while the critic thread has work, all of them once
-        the critic is idle (it finishes its mini-batches first: it has no LM head)."""
+        """The actor's torch threads for its next piece of work: half while the critic thread has work, all of them
+        once the critic is idle (it finishes its mini-batches first: it has no LM head). Called before each of the
+        actor's calls and, through ``PolicyTrainer.on_phase``, before each forward and each backward inside one, so
+        a core the critic frees mid-mini-batch goes to the actor's backward at once instead of idling to its end."""
         if self._critic_thread is not None:
             self._critic_queue = [f for f in self._critic_queue if not f.done()]
             torch._C.set_num_threads(self._half if self._critic_queue else self._threads)
 
-    def values_async(self, exp):
-        return self._critic_call(self.critic.values, exp)
+    def values_async(self, exp, keep=False):
+        return self._critic_call(self.critic.values, exp, keep)
 
-    def train_critic_async(self, exp, global_tokens):
-        return self._critic_call(self.critic.train_mini_batch, exp, global_tokens)
+    def train_critic_async(self, exp, global_tokens, reuse=False):
+        return self._critic_call(self.critic.train_mini_batch, exp, global_tokens, reuse)
 
     def generate(self, prompt_ids, settings):
         if self._critic_thread is None:
@@ -201,6 +211,7 @@ class LocalRoles:
         return self.actor.train_mini_batch(exp, global_tokens, kl_coef, first)
 
     def sync(self) -> None:
+        self._actor_share()  # the critic is done with this iteration: the merge gets every thread
         if self.cfg.syncs_adapter:
             self.engine.load_lora(self.actor.save_adapter(self.sync_dir / "adapter"))
         else:
@@ -314,6 +325,24 @@ class PPOLoop:
         rundir.mark_done(path)
         rundir.prune(self.run, self.cfg.train.keep_checkpoints)
 
+    def _values_async(self, exp: Experience, order: torch.Tensor):
+        """The critic's value pass (a future of (B, A)). With algo.reuse_values the first mini-batch's rows go last,
+        with their graph kept for its first update (``CriticTrainer.values``); the other rows go first, without."""
+        if not self.cfg.reuses_values:
+            return self.roles.values_async(exp)
+        first = order.view(self.cfg.algo.num_mini_batches, -1)[0]
+        rest = torch.ones(len(exp), dtype=torch.bool)
+        rest[first] = False
+        parts = [(rest, self.roles.values_async(exp.select(rest)))] if rest.any() else []
+        parts.append((first, self.roles.values_async(exp.select(first), keep=True)))
+
+        def assemble():
+            out = torch.zeros_like(exp.rollout_logprobs)
+            for rows, future in parts:
+                out[rows] = future.result()
+            return out
+        return Done.later(assemble)
+
     def iteration(self, step: int) -> dict:
         cfg, a = self.cfg, self.cfg.algo
         rec: dict[str, float] = {}
@@ -355,7 +384,7 @@ class PPOLoop:
             reused[orders[0].view(a.num_mini_batches, -1)[0]] = True
         passed = ~reused if not from_engine else torch.zeros(len(exp), dtype=torch.bool)  # rows of the no-grad pass
         t0 = time.perf_counter()
-        values = self.roles.values_async(exp) if cfg.uses_critic else None  # the critic works beside the actor
+        values = self._values_async(exp, orders[0]) if cfg.uses_critic else None  # the critic works beside the actor
         exp.old_logprobs = exp.rollout_logprobs.clone() if from_engine else torch.zeros_like(exp.rollout_logprobs)
         if passed.any():
             exp.old_logprobs[passed] = self.roles.logprobs(exp.select(passed))
@@ -374,8 +403,10 @@ class PPOLoop:
         # only on the experience, so they are all handed over first and run (in order) beside the actor's.
         t0 = time.perf_counter()
         actor_sums = []
-        critic_futures = [self.roles.train_critic_async(exp.select(mb_idx), float(mask[mb_idx].sum()))
-                          for order in orders for mb_idx in order.view(a.num_mini_batches, -1)] if cfg.uses_critic else []
+        critic_futures = [self.roles.train_critic_async(exp.select(mb_idx), float(mask[mb_idx].sum()),
+                                                        cfg.reuses_values and epoch == 0 and j == 0)
+                          for epoch, order in enumerate(orders)
+                          for j, mb_idx in enumerate(order.view(a.num_mini_batches, -1))] if cfg.uses_critic else []
         measured = None  # the first mini-batch's sums: the engine-vs-trainer gap where no pass measured it
         for epoch, order in enumerate(orders):
             for j, mb_idx in enumerate(order.view(a.num_mini_batches, -1)):

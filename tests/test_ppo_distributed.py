@@ -142,3 +142,33 @@ def test_zero3_critic_is_exported_to_final_with_the_trained_values(tiny_model, t
         exported = ValueModel(seq.eval())(**exp.model_inputs())[:, exp.answer_slice] * exp.mask
     torch.testing.assert_close(exported, trained, rtol=1e-4, atol=1e-5)
     assert float((trained - exp.values).abs().max()) > 1e-3  # the step moved the values: the check is not vacuous
+
+
+def test_zero3_critic_trains_the_same_on_its_kept_value_pass(tiny_model, tmp_path):
+    """algo.reuse_values on 2 ZeRO-3 ranks: each rank keeps the graph of its share of the value pass and its first
+    update trains on it (no second forward); the step equals the one with a separate forward."""
+    ray = pytest.importorskip("ray")
+    from alignloop.ray_utils import init_ray
+    from ppo.ray_actors import CriticWorker, _Group
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    cfg = _cfg(tiny_model, tmp_path, "peft.method=lora", "algo.advantage=gae", "critic.optim.lr=1e-2",
+               "ray.use_ray=true", "ray.critic_workers=2", "ray.cpus_per_worker=0.5", "train.strategy=deepspeed",
+               "deepspeed.zero_stage=3", "train.micro_batch_size=4")  # a rank's share: one micro-batch
+    exp = _experience(300)
+    init_ray()
+    try:
+        out = []
+        for reuse in (False, True):
+            group = _Group(CriticWorker, cfg, str(tiny_model), 2)
+            exp.values = torch.cat(group.map("values", exp, reuse))
+            exp.returns = exp.values + exp.advantages
+            sums = group.map("train_mini_batch", exp, float(exp.mask.sum()), reuse)
+            out.append((exp.values, sum(s["loss/value"] for s in sums), torch.cat(group.map("values", exp))))
+    finally:
+        ray.shutdown()
+    (v0, loss0, after0), (v1, loss1, after1) = out
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-6)
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    torch.testing.assert_close(after1, after0, rtol=1e-4, atol=1e-5)
+    assert float((after0 - v0).abs().max()) > 1e-3  # the step moved the values: the check is not vacuous

@@ -245,20 +245,29 @@ def test_vllm_context_limit_is_length_not_stop(vllm_engine):
 
 def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
     """A float32 trainer syncing a bfloat16 engine: the tensors are cast once, here, to the dtype vLLM resolved (given
-    float32, vLLM casts each itself and logs a warning per weight on every sync); integer tensors keep theirs."""
+    float32, vLLM casts each itself and logs a warning per weight on every sync); integer tensors keep theirs. On a
+    CPU the reload runs on one torch thread (faster for its many small copies) and the caller's count comes back."""
     from alignloop.rollout import VLLMEngine
 
     assert vllm_engine.weight_dtype == torch.float32  # what the real engine resolved for the float32 tiny model
+    assert vllm_engine._cpu  # the CPU build here
     handed = {}
 
     class RecordingLLM:  # stands in for vLLM's LLM: records what reload_weights would receive
         def collective_rpc(self, method, kwargs):
             handed[method] = list(kwargs["weights_iterator"])
+            handed["threads"] = torch.get_num_threads()
 
     eng = object.__new__(VLLMEngine)
-    eng.llm, eng.weight_dtype = RecordingLLM(), torch.bfloat16
+    eng.llm, eng.weight_dtype, eng._cpu = RecordingLLM(), torch.bfloat16, True
     w = torch.randn(4, 4)
-    eng.update_weights({"a.weight": w, "b.index": torch.arange(3)})
+    before = torch.get_num_threads()
+    torch._C.set_num_threads(2)
+    try:
+        eng.update_weights({"a.weight": w, "b.index": torch.arange(3)})
+        assert handed.pop("threads") == 1 and torch.get_num_threads() == 2
+    finally:
+        torch._C.set_num_threads(before)
     (na, a), (nb, b) = handed["reload_weights"]
     assert (na, nb) == ("a.weight", "b.index")
     assert a.dtype == torch.bfloat16 and torch.equal(a, w.to(torch.bfloat16))
