@@ -206,12 +206,25 @@ def _drop_narrowing(record) -> bool:
                 and getattr(record.args[1], "itemsize", 0) > getattr(record.args[2], "itemsize", 0))
 
 
-def _quiet_requested_narrowing() -> None:
+_NOT_LOADED = "%s: Failed to load weights"
+
+
+def _drop_rotary_not_loaded(record) -> bool:
+    """Keep every record but the reload's notice that a rotary-embedding module got no weights. It has none to get:
+    its cos/sin cache is computed, in no checkpoint, and the reload puts the existing one back. The notice came once
+    per weight sync, i.e. every PPO step; the same notice for any other module still shows."""
+    return not (record.msg == _NOT_LOADED and len(record.args or ()) == 1
+                and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
+def _quiet_expected_notices() -> None:
     import logging
 
-    log = logging.getLogger("vllm.model_executor.models.utils")
-    if _drop_narrowing not in log.filters:
-        log.addFilter(_drop_narrowing)
+    for name, keep in (("vllm.model_executor.models.utils", _drop_narrowing),
+                       ("vllm.model_executor.model_loader.reload.layerwise", _drop_rotary_not_loaded)):
+        log = logging.getLogger(name)
+        if keep not in log.filters:
+            log.addFilter(keep)
 
 
 class VLLMEngine(RolloutEngine):
@@ -226,7 +239,7 @@ class VLLMEngine(RolloutEngine):
         # a KV cache in GiB sized for these machines. A caller's own setting wins.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        _quiet_requested_narrowing()
+        _quiet_expected_notices()
         from vllm import LLM
 
         from alignloop.models import load_tokenizer

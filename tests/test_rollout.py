@@ -274,12 +274,46 @@ def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
     assert b.dtype == torch.int64 and torch.equal(b, torch.arange(3))
 
 
+def test_vllm_weight_sync_drops_only_the_rotary_embeddings_not_loaded_notice(vllm_engine, tiny_model):
+    """A weight sync: vLLM's reload logs "<module>: Failed to load weights" for the rotary embedding, which has no
+    weights to load (its cos/sin cache is computed), on every sync; the engine's filter drops that notice and keeps
+    the same notice for any other module."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from alignloop.rollout import _NOT_LOADED, _drop_rotary_not_loaded
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    catch = Catch(logging.DEBUG)
+    log.addHandler(catch)
+    try:
+        log.removeFilter(_drop_rotary_not_loaded)  # first without the filter: vLLM does log the notice
+        vllm_engine.update_weights(load_file(f"{tiny_model}/model.safetensors"))
+        unfiltered = [m for m in seen if m.endswith("Failed to load weights")]
+        log.addFilter(_drop_rotary_not_loaded)  # what every VLLMEngine installs
+        seen.clear()
+        vllm_engine.update_weights(load_file(f"{tiny_model}/model.safetensors"))
+    finally:
+        log.removeHandler(catch)
+    assert unfiltered and all("RotaryEmbedding" in m for m in unfiltered)
+    assert not [m for m in seen if m.endswith("Failed to load weights")]
+    other = logging.LogRecord(log.name, logging.WARNING, __file__, 1, _NOT_LOADED, ("QKVParallelLinear",), None)
+    assert _drop_rotary_not_loaded(other)  # kept: a linear layer that got no weights is a real problem
+
+
 def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
     """rollout.dtype=bfloat16 over a float32 checkpoint: vLLM's per-weight "float32 into bfloat16" warning is dropped
     by the filter the engine installs; a widening notice and any other record pass."""
     import logging
 
-    from alignloop.rollout import _NARROWING, _drop_narrowing, _quiet_requested_narrowing
+    from alignloop.rollout import _NARROWING, _drop_narrowing, _quiet_expected_notices
 
     def rec(msg, *args):
         return logging.LogRecord("vllm.model_executor.models.utils", logging.WARNING, __file__, 1, msg, args, None)
@@ -287,8 +321,8 @@ def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
     assert not _drop_narrowing(rec(_NARROWING, "layers.0.mlp.down_proj.weight", torch.float32, torch.bfloat16))
     assert _drop_narrowing(rec(_NARROWING, "norm.weight", torch.bfloat16, torch.float32))
     assert _drop_narrowing(rec("Attempted to load nested weight %s", "x"))
-    _quiet_requested_narrowing()
-    _quiet_requested_narrowing()
+    _quiet_expected_notices()
+    _quiet_expected_notices()
     log = logging.getLogger("vllm.model_executor.models.utils")
     assert log.filters.count(_drop_narrowing) == 1
     assert not log.filter(rec(_NARROWING, "w", torch.float32, torch.bfloat16))
