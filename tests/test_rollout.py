@@ -275,9 +275,10 @@ def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
 
 
 def test_vllm_weight_sync_drops_only_the_rotary_embeddings_not_loaded_notice(vllm_engine, tiny_model):
-    """A weight sync: vLLM's reload logs "<module>: Failed to load weights" for the rotary embedding, which has no
-    weights to load (its cos/sin cache is computed), on every sync; the engine's filter drops that notice and keeps
-    the same notice for any other module."""
+    """vLLM's reload logs "<module>: Failed to load weights" for the rotary embedding, which has no weights to load
+    (its cos/sin cache is computed), on every sync (seen on SmolLM2 in the demo; whether vLLM logs it for a given
+    engine depends on its module cache, so the test does not rely on it). The engine installs a filter that drops
+    that notice and keeps the same notice for any other module; a real sync through it logs no rotary notice."""
     import logging
 
     from safetensors.torch import load_file
@@ -285,27 +286,27 @@ def test_vllm_weight_sync_drops_only_the_rotary_embeddings_not_loaded_notice(vll
     from alignloop.rollout import _NOT_LOADED, _drop_rotary_not_loaded
 
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert _drop_rotary_not_loaded in log.filters  # installed by VLLMEngine
     seen = []
 
     class Catch(logging.Handler):
         def emit(self, record):
             seen.append(record.getMessage())
 
+    def notice(module):
+        return logging.LogRecord(log.name, logging.WARNING, __file__, 1, _NOT_LOADED, (module,), None)
+
     catch = Catch(logging.DEBUG)
     log.addHandler(catch)
     try:
-        log.removeFilter(_drop_rotary_not_loaded)  # first without the filter: vLLM does log the notice
         vllm_engine.update_weights(load_file(f"{tiny_model}/model.safetensors"))
-        unfiltered = [m for m in seen if m.endswith("Failed to load weights")]
-        log.addFilter(_drop_rotary_not_loaded)  # what every VLLMEngine installs
-        seen.clear()
-        vllm_engine.update_weights(load_file(f"{tiny_model}/model.safetensors"))
+        assert not [m for m in seen if "RotaryEmbedding" in m]
+        for module in ("RotaryEmbedding", "Llama3RotaryEmbedding", "QKVParallelLinear"):
+            log.handle(notice(module))
     finally:
         log.removeHandler(catch)
-    assert unfiltered and all("RotaryEmbedding" in m for m in unfiltered)
-    assert not [m for m in seen if m.endswith("Failed to load weights")]
-    other = logging.LogRecord(log.name, logging.WARNING, __file__, 1, _NOT_LOADED, ("QKVParallelLinear",), None)
-    assert _drop_rotary_not_loaded(other)  # kept: a linear layer that got no weights is a real problem
+    # a linear layer that got no weights is a real problem: that notice still shows
+    assert [m for m in seen if m.endswith("Failed to load weights")] == ["QKVParallelLinear: Failed to load weights"]
 
 
 def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
