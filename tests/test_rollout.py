@@ -276,8 +276,9 @@ def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
 
 def test_vllm_weight_sync_drops_only_the_rotary_embeddings_not_loaded_notice(vllm_engine, tiny_model):
     """vLLM's reload logs "<module>: Failed to load weights" for the rotary embedding, which has no weights to load
-    (its cos/sin cache is computed), on every sync (seen on SmolLM2 in the demo; whether vLLM logs it for a given
-    engine depends on its module cache, so the test does not rely on it). The engine installs a filter that drops
+    (its cos/sin cache is computed), on every sync (seen on SmolLM2 in the demo; whether vLLM logs it depends on
+    what ran before in the process: alone this test saw it, in the full suite's order not, so the test does not rely
+    on it). The engine installs a filter that drops
     that notice and keeps the same notice for any other module; a real sync through it logs no rotary notice."""
     import logging
 
