@@ -120,7 +120,7 @@ class PolicyTrainer:
         self.trainable, self.total = count_parameters(model)
         self.model = self.strategy.prepare(model)
         self.model.train()
-        self.on_phase = None  # called before each training forward and backward (LocalRoles: the thread share)
+        self.on_phase = lambda: None  # called before each training forward and backward (LocalRoles: the thread share)
         for m in (self.strategy.unwrap(), self.ref):
             if m is not None:
                 if cfg.train.autocast and cfg.train.float32_lm_head:
@@ -186,8 +186,7 @@ class PolicyTrainer:
         if reuse:
             sums["ppo/kl_old_sum"] = 0.0
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
-            if self.on_phase is not None:
-                self.on_phase()
+            self.on_phase()
             logits = self._logits(self.model, mb)  # (b, A, V)
             lp, entropy = L.logprobs_and_entropy(logits, mb.response_ids)  # (b, A) each; the entropy is detached
             old = lp.detach() * mb.mask if reuse else mb.old_logprobs
@@ -210,8 +209,7 @@ class PolicyTrainer:
                 kl = L.masked_sum(L.kl_penalty(lp, mb.ref_logprobs, a.kl.estimator), mb.mask) / global_tokens
                 loss = loss + kl_coef * kl
                 sums["ppo/kl_loss"] += float(kl.detach()) * global_tokens
-            if self.on_phase is not None:
-                self.on_phase()
+            self.on_phase()
             self.strategy.backward(loss)
             sums["ppo/clipfrac"] += m["clipfrac"] * n
             sums["ppo/approx_kl"] += m["approx_kl"] * n
@@ -319,6 +317,7 @@ class CriticTrainer:
             compile_layers(model.seq)
         self.model = self.strategy.prepare(model)
         self.model.train()
+        self._kept = None  # values(keep=True)'s output, with its graph, for the next train_mini_batch(reuse=True)
 
     @property
     def rank(self) -> int:
@@ -359,12 +358,12 @@ class CriticTrainer:
         ``values(keep=True)`` kept (the same rows)."""
         exp = exp.to(self.device)
         sums = {"loss/value": 0.0, "ppo/value_clipfrac": 0.0, "tokens": 0.0}
-        kept, self._kept = getattr(self, "_kept", None), None
+        kept, self._kept = self._kept, None
         if reuse and kept is None:
             raise RuntimeError("train_mini_batch(reuse=True) without a kept value pass (values(keep=True))")
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
             v = kept if reuse else self._values(mb)
-            if v.shape != mb.mask.shape:
+            if reuse and v.shape != mb.mask.shape:
                 raise RuntimeError(f"kept value pass {tuple(v.shape)} does not match the mini-batch {tuple(mb.mask.shape)}")
             loss, m = L.value_loss(v, mb.values, mb.returns, mb.mask, clip_eps=self.cfg.algo.value_clip,
                                    normalizer=global_tokens)

@@ -325,12 +325,12 @@ class PPOLoop:
         rundir.mark_done(path)
         rundir.prune(self.run, self.cfg.train.keep_checkpoints)
 
-    def _values_async(self, exp: Experience, order: torch.Tensor):
-        """The critic's value pass (a future of (B, A)). With algo.reuse_values the first mini-batch's rows go last,
-        with their graph kept for its first update (``CriticTrainer.values``); the other rows go first, without."""
+    def _values_async(self, exp: Experience, first: torch.Tensor):
+        """The critic's value pass (a future of (B, A)). With algo.reuse_values the rows ``first`` (the first
+        mini-batch) go last, with their graph kept for its first update (``CriticTrainer.values``); the other rows
+        go first, without."""
         if not self.cfg.reuses_values:
             return self.roles.values_async(exp)
-        first = order.view(self.cfg.algo.num_mini_batches, -1)[0]
         rest = torch.ones(len(exp), dtype=torch.bool)
         rest[first] = False
         parts = [(rest, self.roles.values_async(exp.select(rest)))] if rest.any() else []
@@ -379,12 +379,13 @@ class PPOLoop:
         # Not when the KL is part of the reward: the advantages need π_θold's log-probs of every row before training.
         kl_in_adv = a.kl.in_reward and cfg.uses_reference and self.kl_ctl.value > 0
         reuse = a.reuse_logprobs and train_actor and not kl_in_adv and not from_engine
+        first_mb = orders[0].view(a.num_mini_batches, -1)[0]  # rows of epoch 0's first mini-batch
         reused = torch.zeros(len(exp), dtype=torch.bool)  # rows whose π_θold comes from their training forward
         if reuse:
-            reused[orders[0].view(a.num_mini_batches, -1)[0]] = True
+            reused[first_mb] = True
         passed = ~reused if not from_engine else torch.zeros(len(exp), dtype=torch.bool)  # rows of the no-grad pass
         t0 = time.perf_counter()
-        values = self._values_async(exp, orders[0]) if cfg.uses_critic else None  # the critic works beside the actor
+        values = self._values_async(exp, first_mb) if cfg.uses_critic else None  # the critic works beside the actor
         exp.old_logprobs = exp.rollout_logprobs.clone() if from_engine else torch.zeros_like(exp.rollout_logprobs)
         if passed.any():
             exp.old_logprobs[passed] = self.roles.logprobs(exp.select(passed))
