@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignloop import padding_free
 from alignloop.models import apply_peft, count_parameters, disable_dropout, load_causal_lm, torch_dtype
 from alignloop.strategy import make_strategy, seed_all
 from ppo import losses as L
@@ -40,6 +41,18 @@ def packed_inputs(exp: Experience, device: torch.device, attn_implementation: st
         inputs["attention_mask"] = torch.zeros(allowed.shape, device=device).masked_fill(
             ~allowed, torch.finfo(torch.float32).min)
     return inputs, index.to(device)
+
+
+def padding_free_applies(cfg: PPOConfig, exp: Experience) -> bool:
+    """``train.padding_free`` for this micro-batch: it has padding to leave out and at least one answer token."""
+    return cfg.pads_free and bool((exp.prompt_mask == 0).any() or (exp.mask == 0).any()) and bool(exp.mask.any())
+
+
+def padding_free_inputs(cfg: PPOConfig, exp: Experience) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`alignloop.padding_free.inputs` of ``exp`` (on its device): the packed row and each (b, T) column's
+    index in it."""
+    return padding_free.inputs(**exp.model_inputs(), additive=padding_free.float_mask(cfg.model.attn_implementation),
+                               dtype=torch_dtype(cfg.model.dtype))
 
 
 def autocast(cfg: PPOConfig, device: torch.device):
@@ -126,6 +139,8 @@ class PolicyTrainer:
                 if cfg.train.autocast and cfg.train.float32_lm_head:
                     float32_head(m.get_output_embeddings())
                 contiguous_input(m.get_output_embeddings())
+                if cfg.pads_free:
+                    padding_free.enable(m)
                 if cfg.train.compile:
                     compile_layers(m)
 
@@ -138,17 +153,35 @@ class PolicyTrainer:
         return self.strategy.device
 
     # ------------------------------------------------------------------ forward
-    def _logits(self, model, exp: Experience) -> torch.Tensor:
-        # Only the last A + 1 positions go through the LM head (columns P-1 .. T-1; the answer_slice is its first
-        # A): the (P - 1) x V prompt logits nobody reads are never computed.
+    def _answer_logits(self, model, exp: Experience) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits that predict the answer tokens: (b, A, V) and None, or, padding-free (``train.padding_free``),
+        (N, V) for the N real answer tokens in row-major order and the (b, A) mask of the slots they fill.
+
+        Only the last A + 1 positions go through the LM head (columns P-1 .. T-1; the answer_slice is its first
+        A): the (P - 1) x V prompt logits nobody reads are never computed; padding-free, not the padded slots either."""
         B, A = exp.response_ids.shape
         with autocast(self.cfg, self.device):
             if self.cfg.packs_rows and B > 1 and repeats_a_prompt(exp):
                 inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
                 out = model(**inputs, use_cache=False, logits_to_keep=index.flatten())
-                return out.logits.view(B, A, -1)  # (b, A, V)
+                return out.logits.view(B, A, -1), None  # (b, A, V)
+            if padding_free_applies(self.cfg, exp):
+                inputs, where = padding_free_inputs(self.cfg, exp)
+                real = exp.mask.bool()
+                out = model(**inputs, use_cache=False, logits_to_keep=where[:, exp.answer_slice][real])
+                return out.logits[0], real  # (N, V)
             out = model(**exp.model_inputs(), use_cache=False, logits_to_keep=A + 1)
-            return out.logits[:, :A]  # (b, A, V)
+            return out.logits[:, :A], None  # (b, A, V)
+
+    def _answer_logprobs(self, model, exp: Experience, entropy: bool = False):
+        """(b, A) log π(a_t|s_t) from :meth:`_answer_logits` (and the entropy, with ``entropy``); 0 on padding
+        slots the padding-free forward never computed."""
+        logits, real = self._answer_logits(model, exp)
+        ids = exp.response_ids if real is None else exp.response_ids[real]
+        out = L.logprobs_and_entropy(logits, ids) if entropy else (L.logprobs_from_logits(logits, ids),)
+        if real is not None:
+            out = tuple(torch.zeros(real.shape, dtype=t.dtype, device=t.device).masked_scatter(real, t) for t in out)
+        return out if entropy else out[0]
 
     def _reference_context(self):
         return self.strategy.unwrap().disable_adapter() if self.lora else contextlib.nullcontext()
@@ -161,7 +194,7 @@ class PolicyTrainer:
         with self._reference_context() if reference else contextlib.nullcontext():
             model = self.ref if (reference and self.ref is not None) else self.model
             for mb in micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size):
-                out.append(pad_answers(L.logprobs_from_logits(self._logits(model, mb), mb.response_ids) * mb.mask, A))
+                out.append(pad_answers(self._answer_logprobs(model, mb) * mb.mask, A))
         return torch.cat(out).cpu()
 
     # ------------------------------------------------------------------- update
@@ -187,8 +220,7 @@ class PolicyTrainer:
             sums["ppo/kl_old_sum"] = 0.0
         for mb in micro_batches(exp, self.cfg.train.micro_batch_size):
             self.on_phase()
-            logits = self._logits(self.model, mb)  # (b, A, V)
-            lp, entropy = L.logprobs_and_entropy(logits, mb.response_ids)  # (b, A) each; the entropy is detached
+            lp, entropy = self._answer_logprobs(self.model, mb, entropy=True)  # (b, A) each; the entropy is detached
             old = lp.detach() * mb.mask if reuse else mb.old_logprobs
             if measure:
                 gap = (mb.rollout_logprobs - lp.detach()).abs() * mb.mask
@@ -275,11 +307,11 @@ class ValueModel(nn.Module):
         super().__init__()
         self.seq = seq
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, position_ids, **kwargs) -> torch.Tensor:
         inner = self.seq.get_base_model() if hasattr(self.seq, "get_base_model") else self.seq
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # (b, T, d)
+                          use_cache=False, **kwargs).last_hidden_state  # (b, T, d)
         return inner.score(hidden).squeeze(-1).float()  # (b, T)
 
 
@@ -313,6 +345,8 @@ class CriticTrainer:
         if cfg.train.autocast:
             inner = model.seq.get_base_model() if hasattr(model.seq, "get_base_model") else model.seq
             float32_head(inner.score)
+        if cfg.pads_free:
+            padding_free.enable(model.seq)
         if cfg.train.compile:
             compile_layers(model.seq)
         self.model = self.strategy.prepare(model)
@@ -332,6 +366,9 @@ class CriticTrainer:
             if self.cfg.packs_rows and len(exp) > 1 and repeats_a_prompt(exp):  # one packed row (see PolicyTrainer)
                 inputs, index = packed_inputs(exp, self.device, self.cfg.model.attn_implementation)
                 return self.model(**inputs)[0, index]  # (b, A)
+            if padding_free_applies(self.cfg, exp):  # padding slots read a real column's value; masked by the caller
+                inputs, where = padding_free_inputs(self.cfg, exp)
+                return self.model(**inputs)[0, where[:, exp.answer_slice]]  # (b, A)
             return self.model(**exp.model_inputs())[:, exp.answer_slice]  # (b, A): V(s_t) before answer token t
 
     def values(self, exp: Experience, keep: bool = False) -> torch.Tensor:

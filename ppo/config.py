@@ -149,6 +149,10 @@ class PPOTrainConfig(Section):
                                 "and gradients as one padded row per answer, with n_samples-1 prompt copies and the "
                                 "padding never computed. A micro-batch of distinct prompts keeps padded rows (packing "
                                 "would save only padding and cost attention over the whole row)")
+    padding_free: bool = Field(True, description="actor, reference and critic forward passes over a ragged micro-batch "
+                               "run only its real tokens through the model (one packed row); the attention puts them "
+                               "back into their padded rows (alignloop.padding_free), so the results are the padded "
+                               "batch's to float rounding. Needs model.attn_implementation eager or sdpa (else off)")
     max_steps: int = Field(20, gt=0, description="PPO iterations (rollout + update)")
     seed: int = Field(42, description="seed for prompt order, sampling and init")
     threads: int | None = Field(None, gt=0, description="torch threads in the driver process (None: torch's default; 1 on a shared, busy CPU)")
@@ -231,6 +235,11 @@ class PPOConfig(Section):
     def packs_rows(self) -> bool:
         """train.shared_prefix, where the attention takes a custom mask (not flash-attention's varlen kernels)."""
         return self.train.shared_prefix and self.model.attn_implementation in ("sdpa", "eager")
+
+    @property
+    def pads_free(self) -> bool:
+        """train.padding_free, where the attention is one alignloop.padding_free wraps (eager or SDPA)."""
+        return self.train.padding_free and self.model.attn_implementation in ("sdpa", "eager")
 
     @property
     def syncs_adapter(self) -> bool:

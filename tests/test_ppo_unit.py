@@ -852,7 +852,7 @@ def test_a_core_the_critic_frees_mid_mini_batch_goes_to_the_actors_backward(tiny
     busy = roles._critic_call(gate.wait)
     seen = []
     actor = roles.actor
-    real_logits, real_backward = actor._logits, actor.strategy.backward
+    real_logits, real_backward = actor._answer_logits, actor.strategy.backward
 
     def logits(*a):
         seen.append(("forward", torch.get_num_threads()))
@@ -865,7 +865,7 @@ def test_a_core_the_critic_frees_mid_mini_batch_goes_to_the_actors_backward(tiny
         seen.append(("backward", torch.get_num_threads()))
         real_backward(loss)
 
-    monkeypatch.setattr(actor, "_logits", logits)
+    monkeypatch.setattr(actor, "_answer_logits", logits)
     monkeypatch.setattr(actor.strategy, "backward", backward)
     exp = _exp_for_advantages()
     exp.prompt_ids = torch.tensor([[5, 6]] * 4)
@@ -932,3 +932,69 @@ def test_learned_reward_model_plugs_in(tiny_model, tmp_path):
     assert raw == [pytest.approx(learned[0] + 10.0), pytest.approx(learned[1])]
     assert learned[0] != learned[1]  # the model sees the answer
     assert r.shape(raw, [True, True]) == [pytest.approx((x - 0.5) / 2.0) for x in raw]
+
+
+@pytest.mark.parametrize("attn,peft_method", [("eager", "full"), ("sdpa", "lora")])
+def test_padding_free_forward_equals_the_padded_one(tiny_model, attn, peft_method):
+    """train.padding_free: the real tokens of a ragged micro-batch go through the model as one packed row (the
+    attention alone works in the padded layout). Log-probs, reference log-probs, values, the losses and the updated
+    weights of actor and critic are those of the padded forward; the model sees only the real tokens."""
+    exp = _random_experience(B=4)  # prompts 3,5,2,4 and answers 4,2,5,3 tokens: ragged both ways
+    exp.old_logprobs = exp.rollout_logprobs.clone()
+    exp.advantages = torch.linspace(-1, 1, exp.mask.numel()).view_as(exp.mask) * exp.mask
+    exp.ref_logprobs = torch.zeros_like(exp.mask)
+    exp.values, exp.returns = torch.zeros_like(exp.mask), torch.ones_like(exp.mask)
+    real = int(exp.prompt_mask.sum() + exp.mask.sum())
+    assert real < exp.prompt_ids.numel() + exp.mask.numel()
+    out = {}
+    for free in (False, True):
+        common = [f"model.attn_implementation={attn}", f"peft.method={peft_method}", f"train.padding_free={free}"]
+        pt = _policy(tiny_model, *common)
+        seen = []
+        for m in (pt.strategy.unwrap(), pt.ref):  # full fine-tuning: the reference is a second copy
+            if m is not None:
+                m.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+        lp, ref = pt.logprobs(exp), pt.logprobs(exp, reference=True)
+        policy = pt.train_mini_batch(exp, float(exp.mask.sum()), kl_coef=0.0)
+        cr = _critic(tiny_model, *common, "train.micro_batch_size=4")
+        values = cr.values(exp)
+        critic = cr.train_mini_batch(exp, float(exp.mask.sum()))
+        out[free] = dict(lp=lp, ref=ref, values=values, policy=policy, critic=critic, seen=seen,
+                         actor=pt.parameters_digest(), critic_w=cr.parameters_digest())
+    padded, free = out[False], out[True]
+    assert padded["seen"] == [exp.prompt_ids.numel() + exp.mask.numel()] * 3
+    assert free["seen"] == [real] * 3  # the logprob pass, the reference pass, the training forward
+    for k in ("lp", "ref", "values"):
+        torch.testing.assert_close(free[k], padded[k], rtol=1e-5, atol=1e-5, msg=k)
+        assert bool((free[k][exp.mask == 0] == 0).all()), k  # padding slots stay 0
+    for k in ("loss/policy", "ppo/entropy", "ppo/approx_kl", "optim/grad_norm"):
+        assert free["policy"][k] == pytest.approx(padded["policy"][k], rel=1e-4, abs=1e-6), k
+    for k in ("loss/value", "critic/grad_norm"):
+        assert free["critic"][k] == pytest.approx(padded["critic"][k], rel=1e-4, abs=1e-6), k
+    for name in ("actor", "critic_w"):
+        for key, w in padded[name].items():
+            torch.testing.assert_close(free[name][key], w, rtol=1e-4, atol=1e-6, msg=key)
+    assert any(not torch.equal(w, _policy(tiny_model, f"peft.method={peft_method}").parameters_digest()[key])
+               for key, w in free["actor"].items())  # the update moved the weights
+
+
+def test_padding_free_inputs_layout():
+    """alignloop.padding_free.inputs by hand: the packed row, each token's flat padded position, the mask (a real
+    query sees the real keys up to itself; a padding query those and itself, never an empty row) and each padded column's packed index."""
+    from alignloop import padding_free
+
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 0, 0]])
+    attn = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    packed, where = padding_free.inputs(ids, attn, pos, additive=False)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert packed["padfree_index"].tolist() == [1, 2, 3, 4, 5]
+    assert where.tolist() == [[0, 0, 1, 2], [3, 4, 4, 4]]
+    m = packed["attention_mask"][:, 0].int().tolist()
+    assert m[0] == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]
+    assert m[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    additive, _ = padding_free.inputs(ids, attn, pos, additive=True)
+    am = additive["attention_mask"]
+    assert am.dtype == torch.float32 and bool((am[packed["attention_mask"]] == 0).all())
+    assert bool((am[~packed["attention_mask"]] == torch.finfo(torch.float32).min).all())
