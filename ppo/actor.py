@@ -194,6 +194,7 @@ class PolicyTrainer:
         with self._reference_context() if reference else contextlib.nullcontext():
             model = self.ref if (reference and self.ref is not None) else self.model
             for mb in micro_batches(exp.to(self.device), self.cfg.train.micro_batch_size):
+                self.on_phase()  # a core the critic's value pass frees goes to the next micro-batch
                 out.append(pad_answers(self._answer_logprobs(model, mb) * mb.mask, A))
         return torch.cat(out).cpu()
 

@@ -143,12 +143,30 @@ class Done:
         return self.value
 
 
+class _Held:
+    """A critic update :class:`LocalRoles` holds back until the actor's first update of the iteration is done (or its
+    result is asked for); then it runs on the critic thread, in order, and this object answers for its future."""
+
+    def __init__(self, release, fn, *args):
+        self._release, self.fn, self.args, self.future = release, fn, args, None
+
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def result(self):
+        if self.future is None:
+            self._release()
+        return self.future.result()
+
+
 class LocalRoles:
     """Actor, critic and engine in this process (``train.strategy=single``).
 
     ``train.overlap_critic``: the critic's calls run, in the order they were made, in one worker thread beside the
     actor's (torch releases the GIL inside its kernels, so on a CPU each role keeps its own cores busy). Rollouts then
-    use all ``train.threads`` torch threads and each role half of them."""
+    use all ``train.threads`` torch threads and each role half of them. An iteration's critic updates are held until
+    the actor's first update is done: that update runs on every thread, and the critic's last one runs beside the
+    weight sync (one thread: vLLM's reload) instead of leaving a core idle there."""
 
     def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
         from ppo.actor import CriticTrainer, PolicyTrainer
@@ -160,6 +178,7 @@ class LocalRoles:
         self.sync_dir = run / "sync"
         self._critic_thread = None
         self._critic_queue: list = []  # the critic calls handed over and not yet seen done
+        self._held: list[_Held] = []  # critic updates held back until the actor's next update is done
         self._threads = torch.get_num_threads()
         self._half = max(1, self._threads // 2)  # each role's share while they work side by side
         if self.critic is not None and cfg.train.overlap_critic:
@@ -191,7 +210,17 @@ class LocalRoles:
         return self._critic_call(self.critic.values, exp, keep)
 
     def train_critic_async(self, exp, global_tokens, reuse=False):
-        return self._critic_call(self.critic.train_mini_batch, exp, global_tokens, reuse)
+        if self._critic_thread is None:
+            return Done(self.critic.train_mini_batch(exp, global_tokens, reuse))
+        call = _Held(self._release_critic, self.critic.train_mini_batch, exp, global_tokens, reuse)
+        self._held.append(call)
+        return call
+
+    def _release_critic(self) -> None:
+        """Hand the held critic updates to the critic thread (in order)."""
+        held, self._held = self._held, []
+        for call in held:
+            call.future = self._critic_call(call.fn, *call.args)
 
     def generate(self, prompt_ids, settings):
         if self._critic_thread is None:
@@ -208,7 +237,10 @@ class LocalRoles:
 
     def train_actor(self, exp, global_tokens, kl_coef, first=False):
         self._actor_share()
-        return self.actor.train_mini_batch(exp, global_tokens, kl_coef, first)
+        try:
+            return self.actor.train_mini_batch(exp, global_tokens, kl_coef, first)
+        finally:
+            self._release_critic()
 
     def sync(self) -> None:
         self._actor_share()  # the critic is done with this iteration: the merge gets every thread
@@ -420,14 +452,16 @@ class PPOLoop:
                     actor_sums.append(self.roles.train_actor(mb, tokens, kl_coef, start and from_engine))
                     if start:
                         measured = actor_sums[-1]
-        critic_sums = [f.result() for f in critic_futures]
         t_train = time.perf_counter() - t0
 
-        # 7. sync the new policy into the engine
+        # 7. sync the new policy into the engine; the critic may still be finishing its last mini-batch meanwhile
         t0 = time.perf_counter()
         if train_actor:
             self.roles.sync()
         t_sync = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        critic_sums = [f.result() for f in critic_futures]
+        t_train += time.perf_counter() - t0  # the critic's work left after the sync counts as training
 
         seq_kl = (float(kl.sum()) + (measured.get("ppo/kl_old_sum", 0.0) if measured else 0.0)) / len(exp)
         self.kl_ctl.update(seq_kl, len(exp))

@@ -813,6 +813,45 @@ def test_overlapping_the_critic_changes_nothing_but_the_time(tiny_model, tmp_pat
     assert "loss/value" in r1[0] and "loss/policy" not in r1[0] and "loss/policy" in r1[2]
 
 
+def test_the_critic_updates_after_the_actors_first_and_finishes_beside_the_sync(tiny_model, tmp_path, monkeypatch):
+    """train.overlap_critic: the critic's updates of an iteration are held until the actor's first update is done
+    (which so runs on every thread), and the weight sync does not wait for the critic's last update."""
+    import threading
+
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    loop, roles = _loop(tiny_model, tmp_path, RULE_E, "algo.num_mini_batches=2", "train.micro_batch_size=2",
+                        "train.overlap_critic=true")
+    events, synced, lock = [], threading.Event(), threading.Lock()
+    critic_train, actor_train, sync = roles.critic.train_mini_batch, roles.actor.train_mini_batch, roles.sync
+    calls = []
+
+    def critic(*a):
+        with lock:
+            events.append("critic")
+            calls.append(1)
+            last = len(calls) == 2  # the iteration's last critic update
+        out = critic_train(*a)
+        if last:
+            events.append(("critic last saw the sync", synced.wait(timeout=20)))
+        return out
+
+    def actor(*a):
+        out = actor_train(*a)
+        with lock:
+            events.append("actor")
+        return out
+
+    roles.critic.train_mini_batch, roles.actor.train_mini_batch = critic, actor
+    roles.sync = lambda: (sync(), synced.set())
+    try:
+        rec = loop.iteration(0)
+    finally:
+        roles.close()
+    assert events[0] == "actor" and events.count("actor") == 2 and events.count("critic") == 2
+    assert ("critic last saw the sync", True) in events
+    assert rec["loss/value"] > 0 and rec["loss/policy"] == rec["loss/policy"]
+
+
 def test_the_actor_takes_every_thread_once_the_critic_is_idle(tiny_model, tmp_path, monkeypatch):
     """train.overlap_critic: the actor computes on half the threads while the critic thread has work queued, and on
     all of them once it is idle."""
