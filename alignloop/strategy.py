@@ -94,8 +94,17 @@ def make_scheduler(optimizer, optim: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _adamw(params, optim: OptimConfig):
-    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+def _adamw(params, optim: OptimConfig, fused: bool = False):
+    """torch AdamW. ``fused``: one kernel over all parameters (CPU and CUDA, floating point) instead of torch's
+    default on the CPU, a loop of small ops per parameter: 36 → 6 ms a step for SmolLM2's 420 LoRA tensors on one
+    core; the same update to float rounding."""
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=fused or None)
+
+
+def _fusable(params) -> bool:
+    return all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+               for p in params)
 
 
 class Strategy:
@@ -144,7 +153,7 @@ class SingleStrategy(Strategy):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("no trainable parameters (check peft.method and freeze settings)")
-        self.optimizer = _adamw(params, self.optim_cfg)
+        self.optimizer = _adamw(params, self.optim_cfg, fused=_fusable(params))
         self.scheduler = make_scheduler(self.optimizer, self.optim_cfg, self.total_steps)
         return model
 

@@ -223,3 +223,31 @@ def test_vllm_lora_rollouts_in_float32_on_cuda_fail_early_with_the_fix(tiny_mode
     monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
     with pytest.raises(ConfigError, match="model.dtype=bfloat16"):
         VLLMEngine(tiny_model, dtype="float32", enable_lora=True)
+
+
+def test_single_strategy_adamw_is_fused_and_updates_as_the_per_parameter_loop():
+    """The single-process strategy's AdamW runs torch's fused kernel on CPU parameters (one pass over all of them
+    instead of a loop of small ops per parameter) and moves the weights as the default loop does, to float rounding."""
+    from alignloop.sections import OptimConfig
+    from alignloop.strategy import SingleStrategy, _adamw
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    ref.load_state_dict(model.state_dict())
+    start = model[0].weight.detach().clone()
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    st = SingleStrategy(cfg, total_steps=10, grad_accum=1, device=torch.device("cpu"))
+    st.prepare(model)
+    assert st.optimizer.defaults["fused"] is True
+    loop = _adamw(list(ref.parameters()), cfg)
+    assert not loop.defaults["fused"]
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for m, opt in ((model, st.optimizer), (ref, loop)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights
