@@ -243,7 +243,7 @@ class LocalRoles:
             self._release_critic()
 
     def sync(self) -> None:
-        self._actor_share()  # the critic is done with this iteration: the merge gets every thread
+        self._actor_share()  # every thread for the merge, or half while the critic finishes its last update
         if self.cfg.syncs_adapter:
             self.engine.load_lora(self.actor.save_adapter(self.sync_dir / "adapter"))
         else:
