@@ -56,10 +56,6 @@ def _wrapped(base: str):
     return attention
 
 
-def supported(attn_implementation: str) -> bool:
-    return attn_implementation in BASES or attn_implementation.startswith(PREFIX)
-
-
 def enable(model: nn.Module) -> None:
     """Switch ``model`` (a transformers ``PreTrainedModel``; PEFT-wrapped is fine) to the padding-free wrapper of its
     eager or SDPA attention. Idempotent."""

@@ -234,12 +234,17 @@ class PPOConfig(Section):
     @property
     def packs_rows(self) -> bool:
         """train.shared_prefix, where the attention takes a custom mask (not flash-attention's varlen kernels)."""
-        return self.train.shared_prefix and self.model.attn_implementation in ("sdpa", "eager")
+        return self.train.shared_prefix and self._custom_mask_attention
 
     @property
     def pads_free(self) -> bool:
         """train.padding_free, where the attention is one alignloop.padding_free wraps (eager or SDPA)."""
-        return self.train.padding_free and self.model.attn_implementation in ("sdpa", "eager")
+        return self.train.padding_free and self._custom_mask_attention
+
+    @property
+    def _custom_mask_attention(self) -> bool:
+        """The attention takes a custom 4D mask (sdpa, eager); flash-attention's varlen kernels take none."""
+        return self.model.attn_implementation in ("sdpa", "eager")
 
     @property
     def syncs_adapter(self) -> bool:

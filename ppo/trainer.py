@@ -150,9 +150,6 @@ class _Held:
     def __init__(self, release, fn, *args):
         self._release, self.fn, self.args, self.future = release, fn, args, None
 
-    def done(self) -> bool:
-        return self.future is not None and self.future.done()
-
     def result(self):
         if self.future is None:
             self._release()

@@ -7,6 +7,7 @@ must change what it claims to change (and nothing else).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -849,7 +850,7 @@ def test_the_critic_updates_after_the_actors_first_and_finishes_beside_the_sync(
         roles.close()
     assert events[0] == "actor" and events.count("actor") == 2 and events.count("critic") == 2
     assert ("critic last saw the sync", True) in events
-    assert rec["loss/value"] > 0 and rec["loss/policy"] == rec["loss/policy"]
+    assert rec["loss/value"] > 0 and math.isfinite(rec["loss/policy"])
 
 
 def test_the_actor_takes_every_thread_once_the_critic_is_idle(tiny_model, tmp_path, monkeypatch):
