@@ -57,10 +57,17 @@ def padding_free_inputs(cfg: PPOConfig, exp: Experience) -> tuple[dict[str, torc
 
 def autocast(cfg: PPOConfig, device: torch.device):
     """``train.autocast``: the forward (and so the backward) in bfloat16 where autocast allows it; the weights, the
-    optimizer and the heads (:func:`float32_head`) stay float32."""
+    optimizer and the heads (:func:`float32_head`) stay float32.
+
+    Without autocast's weight cache. That cache is one process-wide map behind one mutex: with
+    ``train.overlap_critic`` the actor and the critic each run autocast in their own thread, and a thread leaving
+    autocast empties the map while holding the mutex, which frees cached bf16 copies of LoRA weights and so may need
+    the GIL, while the other thread, tracing a layer for ``train.compile`` with the GIL held, waits for the mutex in
+    its next cast: a deadlock (seen twice in a dozen SmolLM2 runs; py-spy showed exactly those two stacks). The
+    cache only saves a cast when one trainable float32 leaf is used twice in one forward, which no model here does."""
     if cfg.train.autocast != "bfloat16":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def float32_head(head: nn.Module) -> None:

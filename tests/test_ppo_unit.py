@@ -391,6 +391,30 @@ def _policy(tiny_model, *overrides):
     return PolicyTrainer(cfg, str(tiny_model))
 
 
+def test_autocast_keeps_no_weight_cache_so_overlapped_roles_cannot_deadlock(tiny_model):
+    """train.autocast's forwards run without autocast's process-wide weight cache: emptying it on exit (holding its
+    mutex, freeing tensors that may need the GIL) deadlocked against the other role's thread tracing a layer for
+    train.compile (GIL held, waiting for the mutex). Checked inside the forward of both roles, whose LoRA weights
+    are exactly what the cache would hold (trainable float32 leaves)."""
+    from ppo.actor import CriticTrainer
+
+    exp = _grouped_experience()
+    over = ["peft.method=lora", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "train.autocast=bfloat16"]
+    seen = []
+    hook = lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))  # noqa: E731
+    pt = _policy(tiny_model, *over)
+    pt.strategy.unwrap().get_base_model().model.layers[0].mlp.register_forward_hook(hook)
+    pt.logprobs(exp)
+    mb = exp.select(slice(None))
+    mb.old_logprobs, mb.ref_logprobs = exp.rollout_logprobs, None
+    pt.train_mini_batch(mb, float(exp.mask.sum()), 0.0)
+    cr = CriticTrainer(cfg_of(f"model.path={tiny_model}", *over), str(tiny_model))
+    cr.model.seq.get_base_model().model.layers[0].mlp.register_forward_hook(hook)
+    cr.values(exp)
+    assert len(seen) >= 3 and set(seen) == {(True, False)}, seen
+    assert torch.is_autocast_cache_enabled()  # torch's default, which the roles must not use
+
+
 def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model):
     """train.autocast=bfloat16: the blocks compute in bf16, the LM head and the value head in float32; log-probs and
     values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32.
