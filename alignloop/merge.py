@@ -42,10 +42,8 @@ def merged_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "def
             a, b = state_dict.get(f"{stem}.lora_A.{adapter}.weight"), state_dict.get(f"{stem}.lora_B.{adapter}.weight")
             if a is None or b is None:
                 raise KeyError(f"{key}: no LoRA A/B weights for adapter {adapter!r} beside it")
-            if value.dtype == torch.float32:  # one fused pass, no (out, in) temporaries: W + scaling·B@A
-                value = torch.addmm(value, b.float(), a.float(), alpha=scaling)
-            else:
-                value = value + (scaling * (b.float() @ a.float())).to(value.dtype)
+            # one fused pass, no (out, in) temporaries: W + scaling·B@A in float32, rounded once to W's dtype
+            value = torch.addmm(value.float(), b.float(), a.float(), alpha=scaling).to(value.dtype)
             name = name[: -len(".base_layer.weight")] + ".weight"
         elif name.endswith(".base_layer.bias"):
             name = name[: -len(".base_layer.bias")] + ".bias"

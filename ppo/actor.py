@@ -70,6 +70,27 @@ def autocast(cfg: PPOConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+def frozen_linears_to_bfloat16(model: nn.Module) -> int:
+    """``train.bfloat16_frozen``: store the weights (and biases) of ``model``'s frozen ``nn.Linear`` layers in bfloat16,
+    in place; returns how many layers. Under bf16 autocast a linear layer's forward casts its float32 weight to exactly
+    these values every time, so forwards and backwards compute the same numbers without the per-forward casts. The
+    output embeddings are left alone (tied to the input embeddings, whose float32 output starts the float32 residual
+    stream; a float32 LM head reads them in float32), and so is anything that trains."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = 0
+    for name, module in model.named_modules():
+        # peft's modules_to_save keeps a frozen original beside the trained copy of a head: a head, left alone
+        if not isinstance(module, nn.Linear) or module is head or "original_module" in name.split("."):
+            continue
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if any(p.requires_grad for p in params) or any(p.dtype != torch.float32 for p in params):
+            continue
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+        n += 1
+    return n
+
+
 def float32_head(head: nn.Module) -> None:
     """Run ``head`` (the LM head, the value head) in float32 even under autocast: a log-prob needs more than
     bfloat16's 8 significant bits (logits of 10-30 would carry errors of ~0.1, half a PPO clip range)."""
@@ -138,6 +159,10 @@ class PolicyTrainer:
             if self.lora:
                 model = apply_peft(model, cfg.peft, model_path)
         self.trainable, self.total = count_parameters(model)
+        if cfg.stores_frozen_bfloat16:
+            for m in (model, self.ref):
+                if m is not None:
+                    frozen_linears_to_bfloat16(m)
         self.model = self.strategy.prepare(model)
         self.model.train()
         self.on_phase = lambda: None  # called before each training forward and backward (LocalRoles: the thread share)
@@ -353,6 +378,8 @@ class CriticTrainer:
         if cfg.train.autocast:
             inner = model.seq.get_base_model() if hasattr(model.seq, "get_base_model") else model.seq
             float32_head(inner.score)
+        if cfg.stores_frozen_bfloat16:
+            frozen_linears_to_bfloat16(model.seq)
         if cfg.pads_free:
             padding_free.enable(model.seq)
         if cfg.train.compile:

@@ -166,6 +166,12 @@ class PPOTrainConfig(Section):
                                   "instead of 5.18 (SmolLM2, whose head is a fifth of its weights; 4 mini-batches of "
                                   "4 answers of up to 64 tokens), for about twice the log-prob error "
                                   "(mean |Δ| vs float32 0.015 -> 0.027). The log-softmax stays float32 either way")
+    bfloat16_frozen: bool = Field(True, description="with train.autocast=bfloat16, in process (train.strategy=single): "
+                                  "the frozen linear weights (the LoRA base layers; with full fine-tuning the "
+                                  "reference copy) are stored in bfloat16, the values autocast would cast them to in "
+                                  "every forward, so the results are the same and each forward skips the casts (half "
+                                  "their memory too). The embeddings, the LM head, norms, adapters and heads keep their "
+                                  "dtype. On a 2-core Zen 5 CPU a SmolLM2 PPO iteration took ~0.4 s less")
     compile: bool = Field(False, description="in process: torch.compile each decoder layer of the actor, the reference "
                           "and the critic (dynamic shapes; the layers share one compiled graph per mode: training, "
                           "no-grad, adapter off). Fuses the element-wise work around the matrix products: on a CPU "
@@ -230,6 +236,11 @@ class PPOConfig(Section):
         """algo.reuse_values in effect: a critic, and each critic rank's share of a mini-batch is one micro-batch."""
         workers = self.ray.critic_workers if self.ray.use_ray else 1
         return self.uses_critic and self.algo.reuse_values and self.grad_accum(workers) == 1
+
+    @property
+    def stores_frozen_bfloat16(self) -> bool:
+        """train.bfloat16_frozen in effect: under bf16 autocast, in process (ZeRO shards own their parameters)."""
+        return self.train.bfloat16_frozen and self.train.autocast == "bfloat16" and self.resolved_strategy() == "single"
 
     @property
     def packs_rows(self) -> bool:

@@ -415,6 +415,51 @@ def test_autocast_keeps_no_weight_cache_so_overlapped_roles_cannot_deadlock(tiny
     assert torch.is_autocast_cache_enabled()  # torch's default, which the roles must not use
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_bfloat16_frozen_weights_give_autocasts_results(tiny_model, method):
+    """train.bfloat16_frozen (on by default) under bf16 autocast: the frozen linear layers (LoRA's base layers; with
+    full fine-tuning the reference copy) are stored in bfloat16, exactly what autocast casts them to, so log-probs,
+    the reference, values, an update and the merged engine weights match the float32-stored run (the merge rounds
+    once from float32, one bf16 ulp at most); the embeddings, LM head, norms, adapters and heads stay float32."""
+    from ppo.actor import CriticTrainer
+
+    exp = _grouped_experience()
+    runs = []
+    for frozen in (False, True):
+        over = [f"peft.method={method}", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "algo.kl.coef=0.1",
+                "optim.max_grad_norm=0", "train.autocast=bfloat16", "train.float32_lm_head=false",
+                f"train.bfloat16_frozen={str(frozen).lower()}"]
+        pt = _policy(tiny_model, *over)
+        lp, ref = pt.logprobs(exp), pt.logprobs(exp, reference=True)
+        mb = exp.select(slice(None))
+        mb.old_logprobs, mb.ref_logprobs = lp - 0.05 * exp.mask, ref
+        pt.train_mini_batch(mb, float(exp.mask.sum()), 0.1)
+        cr = CriticTrainer(cfg_of(f"model.path={tiny_model}", *over), str(tiny_model))
+        values = cr.values(exp)
+        cmb = exp.select(slice(None))
+        cmb.values, cmb.returns = values, (values + exp.advantages) * exp.mask
+        cr.train_mini_batch(cmb, float(exp.mask.sum()))
+        dtypes = {n: p.dtype for m in (pt.strategy.unwrap(), pt.ref, cr.model) if m is not None
+                  for n, p in m.named_parameters()}
+        runs.append((lp, ref, pt.parameters_digest(), values, cr.values(exp), pt.engine_weights(), dtypes))
+    (lp0, ref0, dig0, v0, w0, sd0, dt0), (lp1, ref1, dig1, v1, w1, sd1, dt1) = runs
+    assert set(dt0.values()) == {torch.float32}
+    bf16 = {n for n, d in dt1.items() if d == torch.bfloat16}
+    if method == "lora":
+        assert bf16 and all("base_layer" in n for n in bf16), [n for n in bf16 if "base_layer" not in n][:5]
+        assert not any("lora_" in n or "embed" in n or "norm" in n or "score" in n for n in bf16)
+    else:  # only the reference copy is frozen: its linear layers, not its embeddings
+        assert bf16 and len(bf16) == sum(1 for n in dt1 if "proj" in n) // 2, len(bf16)
+    for a, b in ((lp0, lp1), (ref0, ref1), (v0, v1), (w0, w1)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for k in dig0:
+        torch.testing.assert_close(dig0[k], dig1[k], atol=1e-6, rtol=0)
+    assert sd0.keys() == sd1.keys()
+    for k in sd0:  # the engine gets bfloat16 either way: one ulp apart at most where the merge rounds twice
+        a, b = sd0[k].to(torch.bfloat16).float(), sd1[k].to(torch.bfloat16).float()
+        torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -8 * float(a.abs().max()), msg=k)
+
+
 def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model):
     """train.autocast=bfloat16: the blocks compute in bf16, the LM head and the value head in float32; log-probs and
     values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32.
