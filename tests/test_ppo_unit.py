@@ -446,10 +446,13 @@ def test_bfloat16_frozen_weights_give_autocasts_results(tiny_model, method):
     assert set(dt0.values()) == {torch.float32}
     bf16 = {n for n, d in dt1.items() if d == torch.bfloat16}
     if method == "lora":
-        assert bf16 and all("base_layer" in n for n in bf16), [n for n in bf16 if "base_layer" not in n][:5]
+        body = bf16 - {"base_model.model.lm_head.weight"}
+        assert body and all("base_layer" in n for n in body), [n for n in body if "base_layer" not in n][:5]
         assert not any("lora_" in n or "embed" in n or "norm" in n or "score" in n for n in bf16)
+        assert "base_model.model.lm_head.weight" in bf16  # its own bf16 copy: the head computes in bf16 here
     else:  # only the reference copy is frozen: its linear layers, not its embeddings
-        assert bf16 and len(bf16) == sum(1 for n in dt1 if "proj" in n) // 2, len(bf16)
+        assert bf16 - {"lm_head.weight"} and len(bf16 - {"lm_head.weight"}) == sum(1 for n in dt1 if "proj" in n) // 2
+        assert dt1["model.embed_tokens.weight"] == torch.float32
     for a, b in ((lp0, lp1), (ref0, ref1), (v0, v1), (w0, w1)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for k in dig0:
@@ -472,7 +475,7 @@ def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model)
     for ac, head32 in ((None, True), ("bfloat16", True), ("bfloat16", False)):
         seen = {}
         over = ["peft.method=lora", "train.micro_batch_size=9", "rollout.prompts_per_step=9", "optim.max_grad_norm=0",
-                f"train.float32_lm_head={str(head32).lower()}"]
+                f"train.float32_lm_head={str(head32).lower()}", "train.bfloat16_frozen=false"]  # weights: float32
         if ac:
             over.append(f"train.autocast={ac}")
         pt = _policy(tiny_model, *over)
