@@ -21,11 +21,13 @@ def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path, dtype: str =
     return out_dir
 
 
-def merged_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default") -> dict:
+def merged_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "default", only_merged: bool = False) -> dict:
     """A peft LoRA model's state dict -> the merged model's, with the base model's (Hugging Face checkpoint) names.
 
     ``W + scaling · B @ A`` for every ``<m>.base_layer.weight`` with ``<m>.lora_A/B.<adapter>.weight`` beside it
-    (``scaling = lora_alpha / r``); other weights pass through; the peft prefix and ``.base_layer`` are dropped.
+    (``scaling = lora_alpha / r``); other weights pass through (``only_merged``: are left out, as nothing but the
+    adapter trains: a rollout engine that holds the base model needs only the merged layers); the peft prefix and
+    ``.base_layer`` are dropped.
     Out of place: the trainer's weights are untouched (an in-place merge/unmerge would drift the base, and with it
     the adapter-disabled reference). Works on any gathered state dict (single process or ZeRO-3 rank 0).
     """
@@ -45,6 +47,8 @@ def merged_lora_state_dict(state_dict: dict, scaling: float, adapter: str = "def
             # one fused pass, no (out, in) temporaries: W + scaling·B@A in float32, rounded once to W's dtype
             value = torch.addmm(value.float(), b.float(), a.float(), alpha=scaling).to(value.dtype)
             name = name[: -len(".base_layer.weight")] + ".weight"
+        elif only_merged:
+            continue
         elif name.endswith(".base_layer.bias"):
             name = name[: -len(".base_layer.bias")] + ".bias"
         out[name] = value

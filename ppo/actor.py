@@ -310,13 +310,16 @@ class PolicyTrainer:
 
     def engine_weights(self) -> dict[str, torch.Tensor]:
         """What a full-weight sync sends the engine (rank 0; a collective under ZeRO-3): the weights, or with LoRA
-        (``rollout.lora_sync=merged``) base + scaling·B@A under the base model's names, computed out of place."""
+        (``rollout.lora_sync=merged``) base + scaling·B@A of the adapted layers, under the base model's names,
+        computed out of place. Only those: the engine starts from the same base model and nothing else trains, so
+        the embeddings, norms and unadapted layers it holds are already right (SmolLM2, all-linear LoRA: 106M of
+        135M parameters, and vLLM's CPU reload 0.10 s instead of 0.23-0.32)."""
         sd = self.strategy.full_state_dict()
         if not self.lora or not sd:
             return sd
         from alignloop.merge import merged_lora_state_dict
 
-        return merged_lora_state_dict(sd, self.cfg.peft.lora_alpha / self.cfg.peft.lora_r)
+        return merged_lora_state_dict(sd, self.cfg.peft.lora_alpha / self.cfg.peft.lora_r, only_merged=True)
 
     def parameters_digest(self) -> dict[str, torch.Tensor]:
         """Trainable parameters, gathered (tests compare ranks/processes with it)."""
