@@ -326,7 +326,6 @@ class VLLMEngine(RolloutEngine):
         weights = [(k, engine_form(v)) for k, v in state_dict.items()]
         import torch
 
-
         # On a CPU the reload is ~900 small copies and a oneDNN handle per linear layer, which more OpenMP threads
         # only slow down: 0.24 s at one thread against 0.34 at two (SmolLM2, bfloat16 engine, 2 cores). The casts
         # above are large and keep the caller's threads. (torch._C's setter: vLLM's CPU backend no-ops torch's.)

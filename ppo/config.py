@@ -170,8 +170,10 @@ class PPOTrainConfig(Section):
                                   "the frozen linear weights (the LoRA base layers; with full fine-tuning the "
                                   "reference copy) are stored in bfloat16, the values autocast would cast them to in "
                                   "every forward, so the results are the same and each forward skips the casts (half "
-                                  "their memory too). The embeddings, the LM head, norms, adapters and heads keep their "
-                                  "dtype. On a 2-core Zen 5 CPU a SmolLM2 PPO iteration took ~0.4 s less")
+                                  "their memory too). A frozen LM head computing in bf16 (train.float32_lm_head=false) "
+                                  "gets its own bf16 copy; the input embeddings, norms, adapters and heads keep their "
+                                  "dtype. The casts were 7-20% of a pass in profiles on a 2-core Zen 5 CPU (SmolLM2); "
+                                  "the PPO benchmark's gain was inside its noise there")
     compile: bool = Field(False, description="in process: torch.compile each decoder layer of the actor, the reference "
                           "and the critic (dynamic shapes; the layers share one compiled graph per mode: training, "
                           "no-grad, adapter off). Fuses the element-wise work around the matrix products: on a CPU "
