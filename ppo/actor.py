@@ -70,19 +70,17 @@ def autocast(cfg: PPOConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def frozen_linears_to_bfloat16(model: nn.Module, bf16_head: bool = False) -> int:
+def frozen_linears_to_bfloat16(model: nn.Module, bf16_head: bool = False) -> None:
     """``train.bfloat16_frozen``: store the weights (and biases) of ``model``'s frozen ``nn.Linear`` layers in bfloat16,
-    in place; returns how many layers. Under bf16 autocast a linear layer's forward casts its float32 weight to exactly
+    in place. Under bf16 autocast a linear layer's forward casts its float32 weight to exactly
     these values every time, so forwards and backwards compute the same numbers without the per-forward casts. Anything
     that trains is left alone, and so are the input embeddings, whose float32 output starts the float32 residual
-    stream. A frozen LM head tied to them gets its own bfloat16 copy where it computes in bf16 (``bf16_head``:
+    stream. A frozen LM head (often tied to them) gets its own bfloat16 copy where it computes in bf16 (``bf16_head``:
     ``train.float32_lm_head=false``; SmolLM2's head is a fifth of its weights); else it too is left alone."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    n = 0
     if bf16_head and isinstance(head, nn.Linear) and not head.weight.requires_grad and head.bias is None \
             and head.weight.dtype == torch.float32:
         head.weight = nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)  # untied from the input
-        n += 1
     for name, module in model.named_modules():
         # peft's modules_to_save keeps a frozen original beside the trained copy of a head: a head, left alone
         if not isinstance(module, nn.Linear) or module is head or "original_module" in name.split("."):
@@ -92,8 +90,6 @@ def frozen_linears_to_bfloat16(model: nn.Module, bf16_head: bool = False) -> int
             continue
         for p in params:
             p.data = p.data.to(torch.bfloat16)
-        n += 1
-    return n
 
 
 def float32_head(head: nn.Module) -> None:
@@ -164,15 +160,13 @@ class PolicyTrainer:
             if self.lora:
                 model = apply_peft(model, cfg.peft, model_path)
         self.trainable, self.total = count_parameters(model)
-        if cfg.stores_frozen_bfloat16:
-            for m in (model, self.ref):
-                if m is not None:
-                    frozen_linears_to_bfloat16(m, bf16_head=not cfg.train.float32_lm_head)
         self.model = self.strategy.prepare(model)
         self.model.train()
         self.on_phase = lambda: None  # called before each training forward and backward (LocalRoles: the thread share)
         for m in (self.strategy.unwrap(), self.ref):
             if m is not None:
+                if cfg.stores_frozen_bfloat16:
+                    frozen_linears_to_bfloat16(m, bf16_head=not cfg.train.float32_lm_head)
                 if cfg.train.autocast and cfg.train.float32_lm_head:
                     float32_head(m.get_output_embeddings())
                 contiguous_input(m.get_output_embeddings())
