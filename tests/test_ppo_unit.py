@@ -420,7 +420,8 @@ def test_bfloat16_frozen_weights_give_autocasts_results(tiny_model, method):
     """train.bfloat16_frozen (on by default) under bf16 autocast: the frozen linear layers (LoRA's base layers; with
     full fine-tuning the reference copy) are stored in bfloat16, exactly what autocast casts them to, so log-probs,
     the reference, values, an update and the merged engine weights match the float32-stored run (the merge rounds
-    once from float32, one bf16 ulp at most); the embeddings, LM head, norms, adapters and heads stay float32."""
+    once from float32, one bf16 ulp at most); the input embeddings, norms, adapters and heads stay float32, and the
+    LM head, computing in bf16 here (train.float32_lm_head=false), gets its own bf16 copy."""
     from ppo.actor import CriticTrainer
 
     exp = _grouped_experience()
