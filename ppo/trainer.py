@@ -145,10 +145,10 @@ class Done:
 
 class _Held:
     """A critic update :class:`LocalRoles` holds back until the actor's first update of the iteration is done (or its
-    result is asked for); then it runs on the critic thread, in order, and this object answers for its future."""
+    result is asked for); then it runs on the critic's worker, in order, and this object answers for its future."""
 
-    def __init__(self, release, fn, *args):
-        self._release, self.fn, self.args, self.future = release, fn, args, None
+    def __init__(self, release, name, *args):
+        self._release, self.name, self.args, self.future = release, name, args, None
 
     def result(self):
         if self.future is None:
@@ -156,60 +156,84 @@ class _Held:
         return self.future.result()
 
 
-class LocalRoles:
-    """Actor, critic and engine in this process (``train.strategy=single``).
+class _CriticThread:
+    """The critic's worker thread (``train.critic_worker=thread``): ``submit(name, *args)`` runs
+    ``critic.name(*args)`` there, in order, with its own share of torch threads."""
 
-    ``train.overlap_critic``: the critic's calls run, in the order they were made, in one worker thread beside the
-    actor's (torch releases the GIL inside its kernels, so on a CPU each role keeps its own cores busy). Rollouts then
-    use all ``train.threads`` torch threads and each role half of them. An iteration's critic updates are held until
-    the actor's first update is done: that update runs on every thread, and the critic's last one runs beside the
-    weight sync (one thread: vLLM's reload) instead of leaving a core idle there."""
+    def __init__(self, critic, threads: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.critic = critic
+        # torch._C's setter: vLLM's CPU backend replaces torch.set_num_threads with a no-op in its process.
+        # The OpenMP thread count is per calling thread: this one's for the critic thread, see LocalRoles.generate().
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="critic", initializer=lambda: torch._C.set_num_threads(threads))
+
+    def submit(self, name: str, *args):
+        return self._pool.submit(getattr(self.critic, name), *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LocalRoles:
+    """Actor, critic and engine on this machine (``train.strategy=single``).
+
+    ``train.overlap_critic``: the critic's calls run, in the order they were made, beside the actor's: in a process
+    of its own (``train.critic_worker=process``, :mod:`ppo.critic_process`) or a worker thread (torch releases the
+    GIL inside its kernels, so on a CPU each role keeps its own cores busy). Rollouts then use all ``train.threads``
+    torch threads and each role half of them. An iteration's critic updates are held until the actor's first update
+    is done: that update runs on every thread, and the critic's last one runs beside the weight sync (one thread:
+    vLLM's reload) instead of leaving a core idle there."""
 
     def __init__(self, cfg: PPOConfig, model_path: str, run: Path, engine=None):
         from ppo.actor import CriticTrainer, PolicyTrainer
 
         self.cfg, self.run, self.model_path = cfg, run, model_path
-        self.actor = PolicyTrainer(cfg, model_path)
-        self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
-        self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
-        self.sync_dir = run / "sync"
-        self._critic_thread = None
-        self._critic_queue: list = []  # the critic calls handed over and not yet seen done
-        self._held: list[_Held] = []  # critic updates held back until the actor's next update is done
         self._threads = torch.get_num_threads()
         self._half = max(1, self._threads // 2)  # each role's share while they work side by side
-        if self.critic is not None and cfg.train.overlap_critic:
-            from concurrent.futures import ThreadPoolExecutor
+        overlap = cfg.uses_critic and cfg.train.overlap_critic
+        self._critic_worker = None  # submit(name, *args) -> future; None: the critic's calls run inline
+        if overlap and cfg.train.critic_worker == "process":
+            from ppo.critic_process import CriticProcess
 
-            # torch._C's setter: vLLM's CPU backend replaces torch.set_num_threads with a no-op in its process.
-            # The OpenMP thread count is per calling thread: this one's for the critic thread, see generate().
-            self._critic_thread = ThreadPoolExecutor(1, thread_name_prefix="critic",
-                                                     initializer=lambda: torch._C.set_num_threads(self._half))
+            self.critic = self._critic_worker = CriticProcess(cfg, model_path, self._half)  # loads beside the actor
+        self.actor = PolicyTrainer(cfg, model_path)
+        if self._critic_worker is None:
+            self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
+        self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
+        self.sync_dir = run / "sync"
+        self._critic_queue: list = []  # the critic calls handed over and not yet seen done
+        self._held: list[_Held] = []  # critic updates held back until the actor's next update is done
+        if overlap:
+            if self._critic_worker is None:
+                self._critic_worker = _CriticThread(self.critic, self._half)
+            else:
+                self.critic.wait_ready()
             self.actor.on_phase = self._actor_share
 
-    def _critic_call(self, fn, *args):
-        if self._critic_thread is None:
-            return Done(fn(*args))
-        future = self._critic_thread.submit(fn, *args)
+    def _critic_call(self, name: str, *args):
+        if self._critic_worker is None:
+            return Done(getattr(self.critic, name)(*args))
+        future = self._critic_worker.submit(name, *args)
         self._critic_queue.append(future)
         return future
 
     def _actor_share(self) -> None:
-        """The actor's torch threads for its next piece of work: half while the critic thread has work, all of them
+        """The actor's torch threads for its next piece of work: half while the critic has work, all of them
         once the critic is idle (it finishes its mini-batches first: it has no LM head). Called before each of the
         actor's calls and, through ``PolicyTrainer.on_phase``, before each forward and each backward inside one, so
         a core the critic frees mid-mini-batch goes to the actor's backward at once instead of idling to its end."""
-        if self._critic_thread is not None:
+        if self._critic_worker is not None:
             self._critic_queue = [f for f in self._critic_queue if not f.done()]
             torch._C.set_num_threads(self._half if self._critic_queue else self._threads)
 
     def values_async(self, exp, keep=False):
-        return self._critic_call(self.critic.values, exp, keep)
+        return self._critic_call("values", exp, keep)
 
     def train_critic_async(self, exp, global_tokens, reuse=False):
-        if self._critic_thread is None:
+        if self._critic_worker is None:
             return Done(self.critic.train_mini_batch(exp, global_tokens, reuse))
-        call = _Held(self._release_critic, self.critic.train_mini_batch, exp, global_tokens, reuse)
+        call = _Held(self._release_critic, "train_mini_batch", exp, global_tokens, reuse)
         self._held.append(call)
         return call
 
@@ -217,16 +241,16 @@ class LocalRoles:
         """Hand the held critic updates to the critic thread (in order)."""
         held, self._held = self._held, []
         for call in held:
-            call.future = self._critic_call(call.fn, *call.args)
+            call.future = self._critic_call(call.name, *call.args)
 
     def generate(self, prompt_ids, settings):
-        if self._critic_thread is None:
+        if self._critic_worker is None:
             return self.engine.generate(prompt_ids, settings)
         torch._C.set_num_threads(self._threads)  # nothing else runs: the rollout takes every thread
         try:
             return self.engine.generate(prompt_ids, settings)
         finally:
-            torch._C.set_num_threads(self._half)  # the actor's share; the critic thread has the rest
+            torch._C.set_num_threads(self._half)  # the actor's share; the critic's worker has the rest
 
     def logprobs(self, exp, reference=False):
         self._actor_share()
@@ -270,8 +294,8 @@ class LocalRoles:
         return self.actor.parameters_digest()
 
     def close(self) -> None:
-        if self._critic_thread is not None:
-            self._critic_thread.shutdown(wait=True, cancel_futures=True)
+        if self._critic_worker is not None:
+            self._critic_worker.shutdown()
         self.engine.close()
 
 

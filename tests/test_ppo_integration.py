@@ -94,19 +94,24 @@ def test_cli_grpo_raises_reward(tiny_model, tmp_path):
 def test_kill_and_resume_matches_uninterrupted(tiny_model, tmp_path):
     """LoRA policy + critic, adaptive KL: crash after step 2, resume, same adapter and metrics as a straight run.
 
-    transformers rollouts keep the three runs short; the resumed engine gets the restored adapter the same way
-    the vLLM engine does (``load_lora`` after loading the checkpoint), which the LoRA sync test covers for vLLM.
+    The crashed and resumed runs put the critic in its own process beside the actor (``train.overlap_critic``,
+    ``train.critic_worker=process``): its checkpoint is written and read there, and the results are the
+    sequential run's. transformers rollouts keep the three runs short; the resumed engine gets the restored
+    adapter the same way the vLLM engine does (``load_lora`` after loading the checkpoint), which the LoRA sync
+    test covers for vLLM.
     """
     args = [*common(tiny_model, tmp_path), "rollout.engine=hf", "peft.method=lora", "peft.lora_r=8",
             "optim.lr=2e-2", "train.max_steps=4", "train.save_every=2", "rollout.prompts_per_step=4",
             "algo.kl.adaptive=true", "algo.kl.target=0.01", "algo.kl.horizon=100"]
     alignloop("ppo", *args, "run_name=straight")
-    r = alignloop("ppo", *args, "run_name=crashed", env={"ALIGNLOOP_CRASH_AFTER_STEP": "2"}, check=False)
+    beside = [*args, "run_name=crashed", "train.overlap_critic=true", "train.critic_worker=process"]
+    r = alignloop("ppo", *beside, env={"ALIGNLOOP_CRASH_AFTER_STEP": "2"}, check=False)
     assert r.returncode != 0 and (tmp_path / "crashed/checkpoints/step-2/DONE").exists()
+    assert (tmp_path / "crashed/checkpoints/step-2/critic").is_dir()
     assert not (tmp_path / "crashed/final").exists()
-    r = alignloop("ppo", *args, "run_name=crashed", check=False)
+    r = alignloop("ppo", *beside, check=False)
     assert r.returncode == 2 and "resume=true" in r.stderr  # never clobbers a run silently
-    r = alignloop("ppo", *args, "run_name=crashed", "resume=true")
+    r = alignloop("ppo", *beside, "resume=true")
     assert "resumed from" in r.stdout
     a = load_file(tmp_path / "straight/final/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "crashed/final/adapter/adapter_model.safetensors")
