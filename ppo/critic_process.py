@@ -39,7 +39,7 @@ def _call(name: str, payload: bytes) -> bytes:
 
 
 class CriticDied(RuntimeError):
-    pass
+    """The critic's process exited (killed, out of memory, a crash in native code) before answering."""
 
 
 class _Result:
@@ -107,6 +107,8 @@ class CriticProcess:
 
 
 class _Ready(_Result):
+    """The future of the worker's start: the worker's pid, once its critic is built."""
+
     def __init__(self, inner: Future, owner: CriticProcess):
         super().__init__(inner, owner, "its start")
 

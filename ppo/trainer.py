@@ -197,18 +197,26 @@ class LocalRoles:
             from ppo.critic_process import CriticProcess
 
             self.critic = self._critic_worker = CriticProcess(cfg, model_path, self._half)  # loads beside the actor
-        self.actor = PolicyTrainer(cfg, model_path)
-        if self._critic_worker is None:
-            self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
-        self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
+        self.engine = None
+        try:
+            self.actor = PolicyTrainer(cfg, model_path)
+            if self._critic_worker is None:
+                self.critic = CriticTrainer(cfg, model_path) if cfg.uses_critic else None
+            self.engine = engine if engine is not None else make_rollout_engine(cfg, model_path)
+            if self._critic_worker is not None:
+                self.critic.wait_ready()  # the critic's own errors (a bad critic.init_from) surface here
+        except BaseException:
+            if self._critic_worker is not None:  # no critic process outlives a failed start
+                self._critic_worker.shutdown()
+            if self.engine is not None and engine is None:
+                self.engine.close()
+            raise
         self.sync_dir = run / "sync"
         self._critic_queue: list = []  # the critic calls handed over and not yet seen done
         self._held: list[_Held] = []  # critic updates held back until the actor's next update is done
         if overlap:
             if self._critic_worker is None:
                 self._critic_worker = _CriticThread(self.critic, self._half)
-            else:
-                self.critic.wait_ready()
             self.actor.on_phase = self._actor_share
 
     def _critic_call(self, name: str, *args):
@@ -238,7 +246,7 @@ class LocalRoles:
         return call
 
     def _release_critic(self) -> None:
-        """Hand the held critic updates to the critic thread (in order)."""
+        """Hand the held critic updates to the critic's worker (in order)."""
         held, self._held = self._held, []
         for call in held:
             call.future = self._critic_call(call.name, *call.args)

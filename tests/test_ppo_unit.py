@@ -903,6 +903,7 @@ def test_the_critic_process_passes_on_its_errors_and_its_death(tiny_model, tmp_p
     """train.critic_worker=process: an exception inside the critic reaches the loop with its type and message, and
     the worker goes on serving; a worker that dies (killed, e.g. out of memory) gives an error that names it
     instead of a hang."""
+    import multiprocessing
     import os
     import signal
 
@@ -921,6 +922,13 @@ def test_the_critic_process_passes_on_its_errors_and_its_death(tiny_model, tmp_p
             roles.values_async(exp).result()
     finally:
         roles.close()
+    # A critic that cannot be built: its error ends the roles' start, and no process is left behind.
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(ValueError, match="no-such-architecture"):
+        _loop(tiny_model, tmp_path / "bad", RULE_E, "train.overlap_critic=true", f"critic.init_from={bad}")
+    assert not multiprocessing.active_children()
 
 
 def test_the_critic_updates_after_the_actors_first_and_finishes_beside_the_sync(tiny_model, tmp_path, monkeypatch):
