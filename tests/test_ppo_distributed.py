@@ -65,12 +65,17 @@ def test_two_zero3_ranks_equal_one_process(tiny_model, tmp_path):
     assert w1.keys() == w2.keys()
     changed = 0
     base = PolicyTrainer(_cfg(tiny_model, tmp_path), str(tiny_model)).parameters_digest()
+    lr = 1e-3
     for k in w1:
-        # Adam divides by sqrt(v): an element whose gradient is ~1e-9 moves by up to lr either way, so float
-        # summation order (2 ranks vs 1) may flip a handful of elements; the update as a whole must agree.
+        # Adam's first step is lr·g/(|g| + eps): a full ±lr wherever |g| >> eps (1e-8). An element whose gradient
+        # is ~eps takes a partial step whose size and sign float summation order (2 ranks vs 1) can change: on
+        # an AMX Xeon one v_proj element of 16,384 moved by -2.0e-4 in one process and +1.2e-4 on two ranks.
+        # Every other element must agree, and those may only be such partial steps, at most two per tensor.
         step1, step2 = w1[k] - base[k], w2[k] - base[k]
-        assert float((step2 - step1).norm() / step1.norm()) < 2e-3, k
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4)
+        off = (w2[k] - w1[k]).abs() > 2e-4
+        assert int(off.sum()) <= 2 and bool((step1[off].abs() < 0.5 * lr).all()), (k, step1[off], step2[off])
+        torch.testing.assert_close(w2[k][~off], w1[k][~off], rtol=0, atol=2e-4)
+        assert float((step2 - step1).norm() / step1.norm()) < 5e-3, k
         changed += not torch.equal(w1[k], base[k])
     assert changed == len(w1)  # every weight moved: the comparison is not trivially equal
 
