@@ -185,10 +185,11 @@ class PPOTrainConfig(Section):
                                  "alone. On Ray the critic group always works beside the actor group")
     critic_worker: Literal["process", "thread"] = Field("process", description="train.overlap_critic: where the "
                                                         "critic works. process: a spawned process of its own (the two "
-                                                        "roles' Python does not take turns on one GIL; on 2-core CPUs "
-                                                        "each role's update was 20-30% slower beside the other in a "
-                                                        "thread, 0-15% in a process); thread: a thread of the loop's "
-                                                        "process (no second model load and no process start)")
+                                                        "roles' Python does not take turns on one GIL; on a 2-core AMX Xeon "
+                                                        "four actor and four critic updates side by side took "
+                                                        "1.14-1.33x less time than in a thread, "
+                                                        "bench/bench_critic_worker.py); thread: a thread of the "
+                                                        "loop's process (no second model load and no process start)")
     log_every: int = Field(1, gt=0, description="log metrics every N iterations")
     save_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept")

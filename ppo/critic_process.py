@@ -1,8 +1,9 @@
 """The critic in a process of its own (``train.overlap_critic`` with ``train.critic_worker=process``).
 
 With the critic in a second thread of the loop's process, the two roles' Python (dynamo guards, hooks, optimizer
-steps, autograd's bookkeeping) takes turns on one GIL. On a 2-core CPU each role's update then took 20-30% longer
-side by side than alone; in two processes 0-15% (``docs/ppo.md``). The worker is a one-process
+steps, autograd's bookkeeping) takes turns on one GIL. On a 2-core AMX Xeon four actor and four critic updates side by
+side took 1.14-1.33x longer in two threads than in two processes (``bench/bench_critic_worker.py``,
+``docs/ppo.md``). The worker is a one-process
 ``ProcessPoolExecutor`` (spawned: the loop's process runs vLLM's and OpenMP's threads, which a fork would copy in an
 undefined state), so calls run in the order they were made and come back as ordinary futures.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
@@ -78,10 +80,14 @@ class CriticProcess:
             self._procs = list(getattr(self._pool, "_processes", {}).values())
 
     def exit_note(self) -> str:
-        procs = self._procs or list(getattr(self._pool, "_processes", {}).values())
-        for p in procs:
-            p.join(timeout=5)  # a killed worker may not be reaped yet
+        procs = self._procs or list((getattr(self._pool, "_processes", None) or {}).values())
+        # The pool's manager thread reaps a dead worker too: whichever thread's waitpid comes second sees no child
+        # and no code yet, so ask again until the reaping thread has recorded it.
+        deadline = time.monotonic() + 10
         codes = [p.exitcode for p in procs if p.exitcode is not None]
+        while procs and not codes and time.monotonic() < deadline:
+            time.sleep(0.02)
+            codes = [p.exitcode for p in procs if p.exitcode is not None]
         if not codes:
             return "no exit code"
         code = codes[0]
