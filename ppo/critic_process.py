@@ -76,11 +76,13 @@ class CriticProcess:
         traceback)."""
         if self.pid is None:
             self.pid = self._ready.result()
-            # the pool forgets its processes once it breaks: keep them, for the exit code
-            self._procs = list(getattr(self._pool, "_processes", {}).values())
+            self._procs = self._pool_processes()  # the pool forgets them once it breaks: kept for the exit code
+
+    def _pool_processes(self) -> list:
+        return list((getattr(self._pool, "_processes", None) or {}).values())  # the pool's own (private) map
 
     def exit_note(self) -> str:
-        procs = self._procs or list((getattr(self._pool, "_processes", None) or {}).values())
+        procs = self._procs or self._pool_processes()
         # The pool's manager thread reaps a dead worker too: whichever thread's waitpid comes second sees no child
         # and no code yet, so ask again until the reaping thread has recorded it.
         deadline = time.monotonic() + 10
