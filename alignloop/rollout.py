@@ -33,6 +33,7 @@ thin Ray actor.
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -223,9 +224,38 @@ def _drop_subset_not_loaded(record) -> bool:
     return "were not loaded from checkpoint" not in str(record.msg)
 
 
-def _quiet_expected_notices() -> None:
-    import logging
+def _drop_not_loaded(record) -> bool:
+    """Installed only while ``update_weights`` reloads a subset of the checkpoint's tensors (a LoRA merge sends the
+    adapted layers; the norms, embedding and head keep theirs): every module it sends nothing drew one "Failed to load
+    weights" notice per sync, 63 lines per PPO step for SmolLM2. A module whose tensors were sent and did not load
+    would not log this (its load fails instead), so nothing real is hidden; a full reload keeps the notice."""
+    return record.msg != _NOT_LOADED
 
+
+def _checkpoint_names(model_path: str) -> frozenset[str] | None:
+    """The tensor names of a local safetensors checkpoint (None when it is not one: reloads then count as full)."""
+    import json
+
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return frozenset(json.loads(index.read_text())["weight_map"])
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+
+        names = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                names.update(h.keys())
+        return frozenset(names)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _quiet_expected_notices() -> None:
     for name, keep in (("vllm.model_executor.models.utils", _drop_narrowing),
                        ("vllm.model_executor.model_loader.reload.layerwise", _drop_rotary_not_loaded),
                        ("vllm.model_executor.model_loader.reload.inplace", _drop_subset_not_loaded)):
@@ -283,6 +313,7 @@ class VLLMEngine(RolloutEngine):
         self.eos_ids = _stop_token_ids(self.tokenizer, _generation_config(self.model_path))
         self._lora = None
         self._lora_id = 0
+        self._checkpoint = _checkpoint_names(self.model_path)  # to tell a subset reload from a full one
 
     def _params(self, s: SamplingSettings):
         from vllm import SamplingParams
@@ -332,11 +363,17 @@ class VLLMEngine(RolloutEngine):
         threads = torch.get_num_threads()
         if self._cpu:
             torch._C.set_num_threads(1)
+        subset = self._checkpoint is not None and not self._checkpoint.issubset(state_dict)
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        if subset:
+            layerwise.addFilter(_drop_not_loaded)
         try:
             self.llm.collective_rpc("reload_weights",
                                     kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         finally:
             torch._C.set_num_threads(threads)
+            if subset:
+                layerwise.removeFilter(_drop_not_loaded)
 
     def load_lora(self, adapter_dir) -> None:
         if adapter_dir is None:

@@ -6,10 +6,12 @@ its weights or adapter put them back before they end.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
-from alignloop.rollout import Completion, HFEngine, SamplingSettings, finish, make_engine
+from alignloop.rollout import Completion, HFEngine, SamplingSettings, _drop_not_loaded, finish, make_engine
 
 PROMPTS = ["The quick brown fox", "Write a short poem about the sea.", "1+1=", "Answer: yes. Answer:"]
 GREEDY = SamplingSettings(max_new_tokens=12, temperature=0.0)
@@ -259,7 +261,7 @@ def test_vllm_update_weights_hands_over_the_engines_dtype(vllm_engine):
             handed["threads"] = torch.get_num_threads()
 
     eng = object.__new__(VLLMEngine)
-    eng.llm, eng.weight_dtype, eng._cpu = RecordingLLM(), torch.bfloat16, True
+    eng.llm, eng.weight_dtype, eng._cpu, eng._checkpoint = RecordingLLM(), torch.bfloat16, True, None
     w = torch.randn(4, 4)
     before = torch.get_num_threads()
     torch._C.set_num_threads(2)
@@ -308,6 +310,43 @@ def test_vllm_weight_sync_drops_only_the_rotary_embeddings_not_loaded_notice(vll
         log.removeHandler(catch)
     # a linear layer that got no weights is a real problem: that notice still shows
     assert [m for m in seen if m.endswith("Failed to load weights")] == ["QKVParallelLinear: Failed to load weights"]
+
+
+def test_vllm_subset_sync_logs_no_not_loaded_notice_for_the_modules_it_did_not_send(vllm_engine, tiny_model):
+    """A merged LoRA sync sends only the adapted layers; vLLM's reload then logged "RMSNorm: Failed to load weights"
+    (and the same for the embedding and the head) for every module it did not get: 63 lines per PPO step for SmolLM2,
+    seen in the demo. During a subset reload the engine drops that notice; it is back for a reload the engine counts
+    as full (what shows that the notice is real and that the filter, not chance, hid it)."""
+    from safetensors.torch import load_file
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    full = load_file(f"{tiny_model}/model.safetensors")
+    subset = {k: v for k, v in full.items() if ".self_attn.q_proj." in k}
+    assert subset and len(subset) < len(full)
+    catch, level, known = Catch(logging.DEBUG), log.level, vllm_engine._checkpoint
+    assert known == frozenset(full)
+    log.addHandler(catch)
+    log.setLevel(logging.WARNING)  # whatever an earlier test set
+    try:
+        vllm_engine.update_weights(subset)
+        assert not [m for m in seen if m.endswith("Failed to load weights")]
+        assert _drop_not_loaded not in log.filters  # only while the reload ran
+        vllm_engine._checkpoint = None  # the engine cannot tell: the same reload counts as full
+        vllm_engine.update_weights(subset)
+        assert "RMSNorm: Failed to load weights" in seen
+    finally:
+        vllm_engine._checkpoint = known
+        log.removeHandler(catch)
+        log.setLevel(level)
+        vllm_engine.update_weights(full)  # the checkpoint's weights everywhere again, for the tests after this one
+    settings = SamplingSettings(max_new_tokens=6, temperature=0.0)
+    assert vllm_engine.generate([[5, 6, 7]], settings)[0][0].token_ids  # the engine still generates
 
 
 def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
