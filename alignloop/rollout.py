@@ -232,6 +232,13 @@ def _drop_not_loaded(record) -> bool:
     return record.msg != _NOT_LOADED
 
 
+_THREAD_BINDING = "CPU backend doesn't allow to use `torch.set_num_threads` after the thread binding, skip it."
+
+
+def _drop_thread_binding(record) -> bool:
+    return record.msg != _THREAD_BINDING
+
+
 def _checkpoint_names(model_path: str) -> frozenset[str] | None:
     """The tensor names of a local safetensors checkpoint (None when it is not one: reloads then count as full)."""
     import json
@@ -305,7 +312,15 @@ class VLLMEngine(RolloutEngine):
             # does not use offset"). Whole-prompt prefill never rewinds; the budget must then hold one prompt.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        # While it starts, vLLM's CPU worker replaces torch.set_num_threads with a no-op that warns, and vLLM's own
+        # start-up then calls it four times: four warnings about vLLM's calls, none about the user's. Only those go;
+        # a later call (the user's, whose thread count is then not applied) still warns.
+        worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
+        worker_log.addFilter(_drop_thread_binding)
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            worker_log.removeFilter(_drop_thread_binding)
         # the dtype vLLM resolved for its weights (a float32 trainer may feed a bfloat16 engine)
         self.weight_dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)
         self.enable_lora = enable_lora

@@ -349,6 +349,39 @@ def test_vllm_subset_sync_logs_no_not_loaded_notice_for_the_modules_it_did_not_s
     assert vllm_engine.generate([[5, 6, 7]], settings)[0][0].token_ids  # the engine still generates
 
 
+def test_vllm_start_up_drops_only_its_own_thread_binding_notices(tiny_model, monkeypatch):
+    """vLLM's CPU worker swaps torch.set_num_threads for a warning no-op while it starts, then its own start-up calls
+    it four times: four warnings per engine (20 lines in the demo) about nothing the user did. The engine drops them
+    while vLLM starts; a call made afterwards (whose thread count is not applied) still warns."""
+    import os
+
+    pytest.importorskip("vllm")
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        pytest.skip("vLLM's CPU worker runs in this process only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (the Makefile's)")
+    from alignloop.rollout import _THREAD_BINDING, _drop_thread_binding
+
+    log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    seen = []
+    handlers = log.callHandlers  # what passed the logger's filters; vLLM's logging set-up resets handlers, not this
+
+    def record(rec):
+        seen.append(rec.getMessage())
+        handlers(rec)
+    monkeypatch.setattr(log, "callHandlers", record, raising=False)
+    threads = torch.get_num_threads()
+    eng = make_engine("vllm", tiny_model, max_model_len=256)
+    try:
+        assert _THREAD_BINDING not in seen
+        assert _drop_thread_binding not in log.filters  # only while vLLM started
+        if not log.isEnabledFor(logging.WARNING):
+            pytest.skip("vLLM's log level hides warnings (VLLM_LOGGING_LEVEL)")
+        torch.set_num_threads(threads)  # vLLM's no-op by now
+        assert seen.count(_THREAD_BINDING) == 1
+    finally:
+        eng.close()
+        torch._C.set_num_threads(threads)
+
+
 def test_vllm_notice_of_a_requested_narrowing_is_dropped_and_others_kept():
     """rollout.dtype=bfloat16 over a float32 checkpoint: vLLM's per-weight "float32 into bfloat16" warning is dropped
     by the filter the engine installs; a widening notice and any other record pass."""
