@@ -33,6 +33,7 @@ thin Ray actor.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import sys
@@ -219,8 +220,9 @@ def _drop_rotary_not_loaded(record) -> bool:
 
 
 def _drop_subset_not_loaded(record) -> bool:
-    """update_weights takes a subset (a LoRA merge sends only the adapted layers, the engine keeps the rest); vLLM's
-    in-place reload would list every other weight as "not loaded from checkpoint" on each sync."""
+    """Installed only while ``update_weights`` reloads a subset (a LoRA merge sends only the adapted layers, the engine
+    keeps the rest): vLLM's in-place reload would list every other weight as "not loaded from checkpoint" on each
+    sync. A full reload that misses a weight still says so."""
     return "were not loaded from checkpoint" not in str(record.msg)
 
 
@@ -264,11 +266,24 @@ def _checkpoint_names(model_path: str) -> frozenset[str] | None:
 
 def _quiet_expected_notices() -> None:
     for name, keep in (("vllm.model_executor.models.utils", _drop_narrowing),
-                       ("vllm.model_executor.model_loader.reload.layerwise", _drop_rotary_not_loaded),
-                       ("vllm.model_executor.model_loader.reload.inplace", _drop_subset_not_loaded)):
+                       ("vllm.model_executor.model_loader.reload.layerwise", _drop_rotary_not_loaded)):
         log = logging.getLogger(name)
         if keep not in log.filters:
             log.addFilter(keep)
+
+
+@contextlib.contextmanager
+def _dropping(*filters):
+    """``(logger name, filter)`` pairs installed for the duration of the block only (vLLM notices about what a call
+    of ours does on purpose; the same notice at any other time still shows)."""
+    logs = [(logging.getLogger(name), keep) for name, keep in filters]
+    for log, keep in logs:
+        log.addFilter(keep)
+    try:
+        yield
+    finally:
+        for log, keep in logs:
+            log.removeFilter(keep)
 
 
 class VLLMEngine(RolloutEngine):
@@ -315,12 +330,8 @@ class VLLMEngine(RolloutEngine):
         # While it starts, vLLM's CPU worker replaces torch.set_num_threads with a no-op that warns, and vLLM's own
         # start-up then calls it four times: four warnings about vLLM's calls, none about the user's. Only those go;
         # a later call (the user's, whose thread count is then not applied) still warns.
-        worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
-        worker_log.addFilter(_drop_thread_binding)
-        try:
+        with _dropping(("vllm.v1.worker.cpu_worker", _drop_thread_binding)):
             self.llm = LLM(**kwargs)
-        finally:
-            worker_log.removeFilter(_drop_thread_binding)
         # the dtype vLLM resolved for its weights (a float32 trainer may feed a bfloat16 engine)
         self.weight_dtype = getattr(getattr(self.llm.llm_engine, "model_config", None), "dtype", None)
         self.enable_lora = enable_lora
@@ -379,16 +390,14 @@ class VLLMEngine(RolloutEngine):
         if self._cpu:
             torch._C.set_num_threads(1)
         subset = self._checkpoint is not None and not self._checkpoint.issubset(state_dict)
-        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        if subset:
-            layerwise.addFilter(_drop_not_loaded)
+        quiet = (("vllm.model_executor.model_loader.reload.layerwise", _drop_not_loaded),
+                 ("vllm.model_executor.model_loader.reload.inplace", _drop_subset_not_loaded)) if subset else ()
         try:
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+            with _dropping(*quiet):
+                self.llm.collective_rpc("reload_weights",
+                                        kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         finally:
             torch._C.set_num_threads(threads)
-            if subset:
-                layerwise.removeFilter(_drop_not_loaded)
 
     def load_lora(self, adapter_dir) -> None:
         if adapter_dir is None:

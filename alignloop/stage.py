@@ -31,6 +31,16 @@ def prepare_run_dir(cfg, run: Path) -> None:
                               "another run_name")
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
+    warn_slow_dtypes(cfg)
+
+
+def warn_slow_dtypes(cfg) -> None:
+    """Say before any model loads when a 16-bit dtype in the config runs far slower than float32 on this CPU."""
+    from alignloop.perf import slow_dtype_warning
+
+    msg = slow_dtype_warning(cfg)
+    if msg:
+        print(f"[alignloop] warning: {msg}", file=sys.stderr, flush=True)
 
 
 def launch(worker: Callable[[dict], None], cfg, run: Path, name: str) -> None:

@@ -98,6 +98,7 @@ def run_ours(system: str, a) -> dict:
 
     from alignloop.config import load_config
     from alignloop.models import load_tokenizer, resolve_model_path
+    from alignloop.stage import warn_slow_dtypes
     from ppo.config import PPOConfig
     from ppo.rewards import build_reward
     from ppo.trainer import LocalRoles, PPOLoop, read_prompts
@@ -114,6 +115,7 @@ def run_ours(system: str, a) -> dict:
                                             f"rollout.max_new_tokens={a.max_new_tokens}", f"train.max_steps={a.steps}",
                                             f"train.threads={a.threads}", "critic.warmup_steps=0", "train.save_every=0",
                                             f"data.prompts={ROOT / 'ppo/data/prompts.jsonl'}", *batch, *extra, *a.set])
+    warn_slow_dtypes(cfg)  # bf16 on an AVX2 CPU: 40-50x slower products; say so before minutes of it
     torch.set_num_threads(a.threads)
     run.mkdir(parents=True, exist_ok=True)
     path = resolve_model_path(cfg.model.path)

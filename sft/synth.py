@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 
 from alignloop.config import ConfigError, Section
 from alignloop.sections import ModelConfig
-from alignloop.stage import parse_stage_args, quiet_env, run_stage
+from alignloop.stage import parse_stage_args, quiet_env, run_stage, warn_slow_dtypes
 
 
 # ---------------------------------------------------------------------- config
@@ -416,6 +416,7 @@ def _body(argv: list[str]) -> int:
     from alignloop.rollout import make_engine
 
     path = resolve_model_path(cfg.model.path)
+    warn_slow_dtypes(cfg)
     t0 = time.time()
     engine = make_engine(cfg.engine, path, dtype=cfg.model.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
                          chat_template=cfg.model.chat_template)

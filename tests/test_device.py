@@ -251,3 +251,78 @@ def test_single_strategy_adamw_is_fused_and_updates_as_the_per_parameter_loop():
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights
+
+
+# ------------------------------------------------------- 16-bit dtypes on a CPU without fast 16-bit kernels
+
+def _linear_rate(dtype, n: int = 384, repeats: int = 3) -> float:
+    """FLOP/s of ``F.linear`` (the layer the models call), best of ``repeats``: measured apart from alignloop's own."""
+    import time
+
+    x, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _ppo_cfg(*overrides):
+    from ppo.config import PPOConfig
+
+    return load_config(PPOConfig, "configs/ppo.yaml", list(overrides))
+
+
+def test_a_bf16_config_on_this_cpu_is_warned_about_exactly_when_bf16_is_much_slower_here():
+    """The real check on this machine's CPU. An AVX2 Zen 3 multiplied bf16 at 1.2 GFLOP/s against float32's 55 (the
+    warning must fire there); a Zen 4 or Xeon with AVX512-BF16/AMX is faster in bf16 (it must stay quiet)."""
+    from alignloop.perf import slow_dtype_warning
+
+    msg = slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"))
+    slower = _linear_rate(torch.float32) / _linear_rate(torch.bfloat16)
+    if slower > 10:
+        assert msg is not None and "rollout.dtype=bfloat16, train.autocast=bfloat16" in msg, (slower, msg)
+    elif slower < 2:
+        assert msg is None, (slower, msg)
+    else:
+        assert msg is None or "bfloat16 at" in msg  # between the two: either answer is honest
+    assert slow_dtype_warning(_ppo_cfg()) is None  # float32 throughout: nothing to say
+
+
+def test_slow_dtype_warning_names_the_keys_rates_and_factor_and_measures_only_when_it_must():
+    from alignloop.perf import slow_dtype_warning
+
+    rates = {torch.float32: 55e9, torch.bfloat16: 1.2e9, torch.float16: 30e9}
+    asked = []
+
+    def rate(dtype):
+        asked.append(dtype)
+        return rates[dtype]
+
+    msg = slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"), rate=rate)
+    assert msg.startswith("rollout.dtype=bfloat16, train.autocast=bfloat16: this CPU (")
+    assert "bfloat16 at 1.2 GFLOP/s against float32's 55.0 (46x slower)" in msg
+    assert msg.endswith("Set these keys to float32 (or leave them out) on this machine.")
+    assert asked == [torch.float32, torch.bfloat16]  # bf16 measured once for both keys
+    # float16 at 30 of 55: under the 4x line, no warning; float32 everywhere: not even a measurement.
+    assert slow_dtype_warning(_ppo_cfg("model.dtype=float16"), rate=rate) is None
+    asked.clear()
+    assert slow_dtype_warning(_ppo_cfg(), rate=rate) is None and asked == []
+    # GPUs asked for: the CPU's kernels are not the ones that will run.
+    assert slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "ray.gpus_per_worker=1"), rate=rate) is None
+
+
+def test_every_stage_warns_when_it_prepares_its_run_directory(tmp_path, monkeypatch, capsys):
+    """The stage CLIs (sft, reward, ppo, dpo) all pass through prepare_run_dir before loading a model."""
+    import alignloop.perf as perf
+    from alignloop.stage import prepare_run_dir
+    from sft.config import SFTConfig
+
+    monkeypatch.setattr(perf, "matmul_peak_flops", lambda dtype=torch.float32, **_: {torch.float32: 55e9}.get(dtype, 1e9))
+    prepare_run_dir(load_config(SFTConfig, "configs/sft.yaml", ["model.dtype=bfloat16"]), tmp_path / "sft")
+    err = capsys.readouterr().err
+    assert "[alignloop] warning: model.dtype=bfloat16: this CPU" in err and "(55x slower)" in err
+    prepare_run_dir(load_config(SFTConfig, "configs/sft.yaml", []), tmp_path / "sft32")
+    assert capsys.readouterr().err == ""

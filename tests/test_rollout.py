@@ -329,21 +329,25 @@ def test_vllm_subset_sync_logs_no_not_loaded_notice_for_the_modules_it_did_not_s
     full = load_file(f"{tiny_model}/model.safetensors")
     subset = {k: v for k, v in full.items() if ".self_attn.q_proj." in k}
     assert subset and len(subset) < len(full)
-    catch, level, known = Catch(logging.DEBUG), log.level, vllm_engine._checkpoint
+    inplace = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")  # "...not loaded from checkpoint"
+    catch, levels, known = Catch(logging.DEBUG), (log.level, inplace.level), vllm_engine._checkpoint
     assert known == frozenset(full)
-    log.addHandler(catch)
-    log.setLevel(logging.WARNING)  # whatever an earlier test set
+    for lg in (log, inplace):
+        lg.addHandler(catch)
+        lg.setLevel(logging.WARNING)  # whatever an earlier test set
     try:
         vllm_engine.update_weights(subset)
-        assert not [m for m in seen if m.endswith("Failed to load weights")]
-        assert _drop_not_loaded not in log.filters  # only while the reload ran
+        assert not [m for m in seen if m.endswith("Failed to load weights") or "not loaded from checkpoint" in m]
+        assert _drop_not_loaded not in log.filters and not inplace.filters  # only while the reload ran
         vllm_engine._checkpoint = None  # the engine cannot tell: the same reload counts as full
         vllm_engine.update_weights(subset)
         assert "RMSNorm: Failed to load weights" in seen
+        assert [m for m in seen if m.startswith("Following weights were not loaded from checkpoint: ")]
     finally:
         vllm_engine._checkpoint = known
-        log.removeHandler(catch)
-        log.setLevel(level)
+        for lg, level in zip((log, inplace), levels):
+            lg.removeHandler(catch)
+            lg.setLevel(level)
         vllm_engine.update_weights(full)  # the checkpoint's weights everywhere again, for the tests after this one
     settings = SamplingSettings(max_new_tokens=6, temperature=0.0)
     assert vllm_engine.generate([[5, 6, 7]], settings)[0][0].token_ids  # the engine still generates
