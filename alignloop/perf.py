@@ -92,8 +92,8 @@ def slow_dtype_warning(cfg, rate=None, factor: float = SLOW_DTYPE_FACTOR) -> str
 
     A CPU without AVX512-BF16 or AMX (an AVX2 Zen 3, say) has no fast bf16 kernel: PyTorch's bf16 matrix product
     there ran at 1.2 GFLOP/s against float32's 55 on the same core, so a bf16 setting copied from a faster machine
-    makes every pass ~45x slower. Measured, not guessed from CPU flags: two short products per dtype (~60 ms at that
-    rate), and nothing at all when every dtype is float32 or the run is on GPUs. ``rate(dtype) -> FLOP/s`` is the
+    makes every pass ~45x slower. Measured, not guessed from CPU flags: two short products per dtype (~0.2 s in all at
+    that rate), and nothing at all when every dtype is float32 or the run is on GPUs. ``rate(dtype) -> FLOP/s`` is the
     measurement (default: ``matmul_peak_flops`` on 256x256 matrices, one thread)."""
     settings = [(key, value) for key in DTYPE_KEYS if (value := _lookup(cfg, key)) in LOW_PRECISION]
     if not settings or _gpu_requested(cfg) or torch.cuda.is_available():
