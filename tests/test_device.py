@@ -269,7 +269,7 @@ def _linear_rate(dtype, n: int = 384, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
-def _ppo_cfg(*overrides):
+def _shipped_ppo_cfg(*overrides):
     from ppo.config import PPOConfig
 
     return load_config(PPOConfig, "configs/ppo.yaml", list(overrides))
@@ -280,7 +280,7 @@ def test_a_bf16_config_on_this_cpu_is_warned_about_exactly_when_bf16_is_much_slo
     warning must fire there); a Zen 4 or Xeon with AVX512-BF16/AMX is faster in bf16 (it must stay quiet)."""
     from alignloop.perf import slow_dtype_warning
 
-    msg = slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"))
+    msg = slow_dtype_warning(_shipped_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"))
     slower = _linear_rate(torch.float32) / _linear_rate(torch.bfloat16)
     if slower > 10:
         assert msg is not None and "rollout.dtype=bfloat16, train.autocast=bfloat16" in msg, (slower, msg)
@@ -288,7 +288,7 @@ def test_a_bf16_config_on_this_cpu_is_warned_about_exactly_when_bf16_is_much_slo
         assert msg is None, (slower, msg)
     else:
         assert msg is None or "bfloat16 at" in msg  # between the two: either answer is honest
-    assert slow_dtype_warning(_ppo_cfg()) is None  # float32 throughout: nothing to say
+    assert slow_dtype_warning(_shipped_ppo_cfg()) is None  # float32 throughout: nothing to say
 
 
 def test_slow_dtype_warning_names_the_keys_rates_and_factor_and_measures_only_when_it_must():
@@ -301,17 +301,17 @@ def test_slow_dtype_warning_names_the_keys_rates_and_factor_and_measures_only_wh
         asked.append(dtype)
         return rates[dtype]
 
-    msg = slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"), rate=rate)
+    msg = slow_dtype_warning(_shipped_ppo_cfg("train.autocast=bfloat16", "rollout.dtype=bfloat16"), rate=rate)
     assert msg.startswith("rollout.dtype=bfloat16, train.autocast=bfloat16: this CPU (")
     assert "bfloat16 at 1.2 GFLOP/s against float32's 55.0 (46x slower)" in msg
     assert msg.endswith("Set these keys to float32 (or leave them out) on this machine.")
     assert asked == [torch.float32, torch.bfloat16]  # bf16 measured once for both keys
     # float16 at 30 of 55: under the 4x line, no warning; float32 everywhere: not even a measurement.
-    assert slow_dtype_warning(_ppo_cfg("model.dtype=float16"), rate=rate) is None
+    assert slow_dtype_warning(_shipped_ppo_cfg("model.dtype=float16"), rate=rate) is None
     asked.clear()
-    assert slow_dtype_warning(_ppo_cfg(), rate=rate) is None and asked == []
+    assert slow_dtype_warning(_shipped_ppo_cfg(), rate=rate) is None and asked == []
     # GPUs asked for: the CPU's kernels are not the ones that will run.
-    assert slow_dtype_warning(_ppo_cfg("train.autocast=bfloat16", "ray.gpus_per_worker=1"), rate=rate) is None
+    assert slow_dtype_warning(_shipped_ppo_cfg("train.autocast=bfloat16", "ray.gpus_per_worker=1"), rate=rate) is None
 
 
 def test_every_stage_warns_when_it_prepares_its_run_directory(tmp_path, monkeypatch, capsys):
