@@ -468,7 +468,7 @@ def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model)
     """train.autocast=bfloat16: the blocks compute in bf16, the LM head and the value head in float32; log-probs and
     values stay within bf16 rounding of float32, an update moves the same way, and the weights stay float32.
     train.float32_lm_head=false: the LM head computes in bf16 too (the value head stays float32); the log-probs are
-    still float32 (log-softmax) and further from float32's, and the update still moves the same way."""
+    still float32 (log-softmax) and moved again by the head's rounding, and the update still moves the same way."""
     from ppo.actor import CriticTrainer
 
     exp = _grouped_experience()
@@ -503,8 +503,14 @@ def test_autocast_runs_the_body_in_bfloat16_and_the_heads_in_float32(tiny_model)
     assert lp1.dtype == lp2.dtype == torch.float32
     diff = float((lp1 - lp0).abs().max())
     assert 1e-5 < diff < 0.05, diff  # bf16 rounding of the blocks only
-    diff2 = float(((lp2 - lp0).abs() * exp.mask).sum() / exp.mask.sum())
-    assert float(((lp1 - lp0).abs() * exp.mask).sum() / exp.mask.sum()) < diff2 < 0.2, diff2  # + the head's rounding
+    def mean_gap(a, b):
+        return float(((a - b).abs() * exp.mask).sum() / exp.mask.sum())
+
+    # The head's bf16 rounding moves the log-probs again, within bf16 noise. Whether it adds to the blocks' error or
+    # partly cancels it depends on the CPU's bf16 kernel: on an AVX2 Zen 3 the mean gap to float32 was 0.00081 with
+    # the head in bf16 against 0.00083 without, so the test asserts the move, not a larger gap.
+    assert 1e-5 < mean_gap(lp2, lp1) < 0.05, mean_gap(lp2, lp1)
+    assert mean_gap(lp2, lp0) < 0.2, mean_gap(lp2, lp0)
     assert 1e-6 < float((v1 - v0).abs().max()) < 0.05
     assert torch.equal(v1, v2)  # the value head is float32 either way
     for st in (step1, step2):
